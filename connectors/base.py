@@ -1,0 +1,71 @@
+"""The source connector contract.
+
+A source connector is mostly a parser: it reads some network's data and
+yields canonical records (``PortalInfo`` and ``NetworkMessage`` from
+``topics.records``) or ``Rejected`` items for input it could not make sense
+of. The framework (``connectors.publish``) does the rest: validation with the
+one codec, keying by portal, batching, publishing, per-portal
+``history_complete`` markers, progress and dead letters.
+
+Connectors are registered under the entry-point group ``backflow.connectors``
+(name = the format in ``backflow import FORMAT PATH``), so a third-party
+package shows up in ``backflow import --list`` without touching backflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+from topics.records import NetworkMessage, PortalInfo
+
+ENTRY_POINT_GROUP = "backflow.connectors"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """Input a connector could not turn into a record: it goes to dead letters."""
+
+    where: str  # "file.txt:12", "channel/2024-01-01.json[3]" ...
+    reason: str
+    original: str = ""
+
+
+Item = PortalInfo | NetworkMessage | Rejected
+
+
+class SourceError(Exception):
+    """The whole input is unusable (missing file, corrupt archive): one clear line."""
+
+
+class Source:
+    """Base class for source connectors.
+
+    Subclasses set ``name`` and ``description`` and implement ``read``. The
+    constructor takes the input path and ``options`` from ``--option k=v``.
+    ``read`` must stream: never load the whole input into memory.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    network: ClassVar[str] = ""
+
+    def __init__(self, path: Path, options: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.options = dict(options or {})
+        # Filled by read() for the final summary: e.g. {"media": 3}.
+        self.stats: dict[str, int] = {}
+
+    def read(self) -> Iterator[Item]:
+        raise NotImplementedError
+
+
+def available() -> dict[str, type[Source]]:
+    """Every installed connector by format name (built-ins come via entry points too)."""
+    found: dict[str, type[Source]] = {}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        found[ep.name] = ep.load()
+    return dict(sorted(found.items()))
