@@ -226,7 +226,9 @@ def _member(o: _Obj) -> Member:
 def _content(o: _Obj) -> Content:
     kind = o.str("kind", required=True)
     if kind not in Content.KINDS:
-        raise RecordError(o._name("kind"), f"unknown kind {kind!r} (known: {', '.join(Content.KINDS)})")
+        raise RecordError(
+            o._name("kind"), f"unknown kind {kind!r} (known: {', '.join(Content.KINDS)})"
+        )
     c: dict[str, Any] = {"kind": kind}
     if kind in ("text", "notice", "emote"):
         c["body"] = o.str("body", required=True)
@@ -235,7 +237,8 @@ def _content(o: _Obj) -> Content:
         media_type = o.str("media_type", required=True)
         if media_type not in MEDIA_TYPES:
             raise RecordError(
-                o._name("media_type"), f"must be one of {', '.join(MEDIA_TYPES)}, got {media_type!r}"
+                o._name("media_type"),
+                f"must be one of {', '.join(MEDIA_TYPES)}, got {media_type!r}",
             )
         c.update(
             media_type=media_type,
