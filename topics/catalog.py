@@ -75,7 +75,7 @@ class Catalog:
                 FOREVER,
                 "delete",
                 "portal",
-                ("message", "portal", "history_complete"),
+                ("message", "portal", "history_complete", "sync_complete"),
                 "History from network connectors and importers; kept forever for replay.",
             ),
             TopicSpec(

@@ -29,6 +29,7 @@ from topics.records import (
     RoomCreated,
     Sender,
     SendMessage,
+    SyncComplete,
 )
 
 # Kafka's default message.max.bytes is ~1 MB; stay under it with headroom.
@@ -301,7 +302,16 @@ def _portal(o: _Obj) -> PortalInfo:
 
 def _history_complete(o: _Obj) -> HistoryComplete:
     return HistoryComplete(
-        network=o.network(), portal=o.id("portal"), count=o.int("count", minimum=0) or 0
+        network=o.network(),
+        portal=o.id("portal"),
+        count=o.int("count", minimum=0) or 0,
+        sync=o.id("sync", required=False),
+    )
+
+
+def _sync_complete(o: _Obj) -> SyncComplete:
+    return SyncComplete(
+        network=o.network(), sync=o.id("sync"), portals=o.int("portals", True, minimum=0)
     )
 
 
@@ -331,7 +341,7 @@ def _send(o: _Obj) -> SendMessage:
     assert message is not None
     if message.data.get("type", "message") != "message":
         raise RecordError("message.type", "a send command carries a message record")
-    return SendMessage(message=_message(message))
+    return SendMessage(message=_message(message), seq=o.int("seq", minimum=0) or 0)
 
 
 def _dead_letter(o: _Obj) -> DeadLetter:
@@ -349,6 +359,7 @@ _PARSERS = {
     NetworkMessage.TYPE: _message,
     PortalInfo.TYPE: _portal,
     HistoryComplete.TYPE: _history_complete,
+    SyncComplete.TYPE: _sync_complete,
     RoomCreated.TYPE: _room_created,
     CreateRoom.TYPE: _create_room,
     SendMessage.TYPE: _send,

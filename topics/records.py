@@ -142,10 +142,30 @@ class HistoryComplete:
     network: str
     portal: str
     count: int = 0
+    sync: str | None = None  # the import run (SyncComplete.sync) this belongs to
 
     @property
     def key(self) -> str:
         return portal_key(self.network, self.portal)
+
+
+@dataclass(frozen=True, slots=True)
+class SyncComplete:
+    """A connector run finished: ``portals`` history_complete markers carry ``sync``.
+
+    Decisions that need every portal of a run at once (which N portals get a
+    room under ``max_initial_conversations``) wait for this.
+    """
+
+    TYPE: ClassVar[str] = "sync_complete"
+
+    network: str
+    sync: str
+    portals: int
+
+    @property
+    def key(self) -> str:
+        return f"{self.network}:sync:{self.sync}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +212,9 @@ class SendMessage:
     TYPE: ClassVar[str] = "send"
 
     message: NetworkMessage
+    # Per-portal command sequence assigned by the pipeline: commands of one
+    # portal are numbered 1, 2, 3 ... in the order the sink must apply them.
+    seq: int = 0
 
     @property
     def key(self) -> str:
@@ -216,6 +239,7 @@ Record = (
     NetworkMessage
     | PortalInfo
     | HistoryComplete
+    | SyncComplete
     | RoomCreated
     | CreateRoom
     | SendMessage
@@ -228,6 +252,7 @@ RECORD_TYPES: dict[str, type[Any]] = {
         NetworkMessage,
         PortalInfo,
         HistoryComplete,
+        SyncComplete,
         RoomCreated,
         CreateRoom,
         SendMessage,

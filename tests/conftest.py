@@ -1,0 +1,151 @@
+"""Session-wide real services, started once: broker, Postgres, Synapse.
+
+Tests are isolated by unique names, not by fresh services: each `stack`
+fixture gets its own topic prefix (so its own topics and consumer groups) and
+its own Postgres database; portals are unique per test too.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+from backflow.settings import Settings, load
+from backflow.stack.kafka import EmbeddedKafka
+from backflow.stack.postgres import create_database, drop_database, resolve_admin_url
+from backflow.stack.synapse import Appservice, Synapse, default_appservice
+from topics.provision import provision
+
+# Partitions per topic in tests: enough to spread portals, few enough to
+# keep consumer-group rebalances quick on the mock broker.
+TEST_PARTITIONS = 4
+
+
+@pytest.fixture(scope="session")
+def kafka() -> Iterator[EmbeddedKafka | str]:
+    """The broker: BACKFLOW_KAFKA_BOOTSTRAP if set, else librdkafka's mock cluster."""
+    external = os.environ.get("BACKFLOW_KAFKA_BOOTSTRAP")
+    if external:
+        yield external
+        return
+    broker = EmbeddedKafka()
+    yield broker
+    broker.close()
+
+
+@pytest.fixture(scope="session")
+async def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
+    url, embedded = await resolve_admin_url(
+        os.environ.get("BACKFLOW_DATABASE_URL"), tmp_path_factory.mktemp("pg")
+    )
+    yield url
+    if embedded is not None:
+        embedded.stop()
+
+
+@pytest.fixture(scope="session")
+def appservices() -> dict[str, Appservice]:
+    """Two registrations on one Synapse: ghosts exempt from rate limits, and not."""
+    free = default_appservice()
+    limited = Appservice(
+        id="backflow-limited",
+        as_token=f"limited-{uuid.uuid4().hex}",
+        hs_token=f"limited-hs-{uuid.uuid4().hex}",
+        sender_localpart="backflow_limited",
+        user_prefix="_bfl_",
+        alias_prefix="_bfl_",
+        rate_limited=True,
+    )
+    return {"free": free, "limited": limited}
+
+
+@pytest.fixture(scope="session")
+def synapse(
+    tmp_path_factory: pytest.TempPathFactory, appservices: dict[str, Appservice]
+) -> Iterator[Synapse]:
+    server = Synapse(
+        tmp_path_factory.mktemp("synapse"), appservices=list(appservices.values())
+    )
+    server.start()
+    yield server
+    server.stop()
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def write_registration(path: Path, appservice: Appservice) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(appservice.registration()))
+    return path
+
+
+async def make_settings(
+    kafka: EmbeddedKafka | str,
+    pg_admin: str,
+    synapse: Synapse,
+    appservice: Appservice,
+    tmp_path: Path,
+    **overrides: object,
+) -> tuple[Settings, str]:
+    """Settings for one isolated test: own topics, own database, own state dir."""
+    prefix = unique("t")
+    db = unique("bf_")
+    db_url = await create_database(pg_admin, db)
+    bootstrap = kafka if isinstance(kafka, str) else kafka.bootstrap
+    registration = write_registration(tmp_path / "registration.yaml", appservice)
+    settings = load(env={}).with_overrides(
+        {
+            "kafka.bootstrap": bootstrap,
+            "kafka.topic_prefix": prefix,
+            "kafka.partitions": TEST_PARTITIONS,
+            "database.url": db_url,
+            "homeserver.url": synapse.url,
+            "homeserver.server_name": synapse.server_name,
+            "appservice.registration": str(registration),
+            "state_dir": str(tmp_path / "state"),
+            **overrides,
+        }
+    )
+    await provision(
+        settings.catalog,
+        bootstrap=bootstrap,
+        embedded=None if isinstance(kafka, str) else kafka,
+    )
+    return settings, db
+
+
+@pytest.fixture
+async def stack(
+    kafka: EmbeddedKafka | str,
+    pg_admin: str,
+    synapse: Synapse,
+    appservices: dict[str, Appservice],
+    tmp_path: Path,
+) -> AsyncIterator[Settings]:
+    """Settings wired to the real services, isolated for this test."""
+    settings, db = await make_settings(kafka, pg_admin, synapse, appservices["free"], tmp_path)
+    yield settings
+    await drop_database(pg_admin, db)
+
+
+@pytest.fixture
+async def limited_stack(
+    kafka: EmbeddedKafka | str,
+    pg_admin: str,
+    synapse: Synapse,
+    appservices: dict[str, Appservice],
+    tmp_path: Path,
+) -> AsyncIterator[Settings]:
+    """Like `stack`, but the appservice's ghosts are rate limited by Synapse."""
+    settings, db = await make_settings(
+        kafka, pg_admin, synapse, appservices["limited"], tmp_path
+    )
+    yield settings
+    await drop_database(pg_admin, db)
