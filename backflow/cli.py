@@ -1,0 +1,211 @@
+"""`backflow`: the one command for everything an operator does.
+
+Each stage owns its commands (pipeline/commands.py, connectors/...); this
+module only assembles the group, loads the settings once and turns expected
+failures (bad config, unreachable services, unreadable input) into one clear
+line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import click
+
+from backflow import bus
+from backflow.settings import Settings, SettingsError, load
+from connectors.base import SourceError, available
+from topics.provision import ProvisionError, provision
+
+# Failures an operator can act on: reported as one line, exit status 1.
+EXPECTED = (SettingsError, bus.BusError, SourceError, ProvisionError, OSError)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    return ctx.find_root().obj["settings"]
+
+
+@click.group()
+@click.option(
+    "--config",
+    "-c",
+    type=click.Path(path_type=Path),
+    envvar="BACKFLOW_CONFIG",
+    help="Settings file (YAML). Default: ./backflow.yaml when present.",
+)
+@click.pass_context
+def cli(ctx: click.Context, config: Path | None) -> None:
+    """Backfill chat history into Matrix through Kafka."""
+    ctx.obj = {"settings": load(config)}
+
+
+# ------------------------------------------------------------------ stack
+
+
+@cli.group()
+def stack() -> None:
+    """The embedded local stack: mock Kafka broker, Postgres, Synapse."""
+
+
+@stack.command("up")
+@click.pass_context
+def stack_up(ctx: click.Context) -> None:
+    """Start the embedded services in the background (state in .backflow/)."""
+    from backflow.stack.daemon import start_background
+
+    settings = settings_of(ctx)
+    env = start_background(settings.state_dir)
+    settings = load(ctx.find_root().params.get("config"))
+    asyncio.run(provision(settings.catalog, control_url=env.get("BACKFLOW_EMBEDDED_CONTROL")))
+    click.echo(f"stack is up; addresses in {settings.state_dir / 'stack.env'}:")
+    for name, value in env.items():
+        click.echo(f"  {name}={value}")
+
+
+@stack.command("down")
+@click.pass_context
+def stack_down(ctx: click.Context) -> None:
+    """Stop the embedded services."""
+    from backflow.stack.daemon import stop_background
+
+    stopped = stop_background(settings_of(ctx).state_dir)
+    click.echo("stack stopped" if stopped else "stack was not running")
+
+
+@stack.command("env")
+@click.pass_context
+def stack_env(ctx: click.Context) -> None:
+    """Print `export` lines for the running embedded stack."""
+    from backflow.stack.daemon import read_env
+
+    env = read_env(settings_of(ctx).state_dir)
+    if not env:
+        raise click.ClickException("the embedded stack is not running (`backflow stack up`)")
+    for name, value in env.items():
+        click.echo(f"export {name}={value}")
+
+
+# ------------------------------------------------------------------ topics
+
+
+@cli.group()
+def topics() -> None:
+    """The topic catalog."""
+
+
+@topics.command("list")
+@click.pass_context
+def topics_list(ctx: click.Context) -> None:
+    """Show every topic: name, partitions, retention, cleanup, contents."""
+    for spec in settings_of(ctx).catalog.specs():
+        retention = "forever" if spec.retention_ms < 0 else f"{spec.retention_ms // 86_400_000}d"
+        click.echo(
+            f"{spec.name:32} partitions={spec.partitions:<3} retention={retention:8} "
+            f"cleanup={spec.cleanup_policy:7} key={spec.key:12} values={','.join(spec.values)}"
+        )
+
+
+@topics.command("provision")
+@click.pass_context
+def topics_provision(ctx: click.Context) -> None:
+    """Create the catalog's topics (Kafka admin API, or the embedded broker)."""
+    from backflow.stack.daemon import read_env
+
+    settings = settings_of(ctx)
+    control = read_env(settings.state_dir).get("BACKFLOW_EMBEDDED_CONTROL")
+    specs = asyncio.run(
+        provision(settings.catalog, bootstrap=settings.kafka.bootstrap, control_url=control)
+    )
+    for spec in specs:
+        click.echo(f"ok {spec.name} ({spec.partitions} partitions)")
+
+
+# ------------------------------------------------------------------ import
+
+
+def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for value in values:
+        name, sep, setting = value.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"expected NAME=VALUE, got {value!r}", param_hint="--option")
+        options[name] = setting
+    return options
+
+
+@cli.command("import")
+@click.argument("format", required=False)
+@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.option("--option", "-o", "options", multiple=True, help="Connector option NAME=VALUE.")
+@click.option("--list", "list_formats", is_flag=True, help="List the installed connectors.")
+@click.pass_context
+def import_(
+    ctx: click.Context,
+    format: str | None,
+    path: Path | None,
+    options: tuple[str, ...],
+    list_formats: bool,
+) -> None:
+    """Import history from PATH with the FORMAT connector (see --list)."""
+    from connectors.publish import ImportSummary, publish_source
+
+    sources = available()
+    if list_formats:
+        for name, cls in sources.items():
+            click.echo(f"{name:10} {cls.description}")
+        return
+    if not format or not path:
+        raise click.UsageError("give FORMAT and PATH (or --list)")
+    if format not in sources:
+        raise click.BadParameter(
+            f"unknown format {format!r}; installed: {', '.join(sources)}", param_hint="FORMAT"
+        )
+    if not path.exists():
+        raise SourceError(f"{path}: no such file or directory")
+    source = sources[format](path, _parse_options(options))
+    shown = 0
+
+    def on_reject(where: str, reason: str) -> None:
+        nonlocal shown
+        shown += 1
+        if shown <= 20:
+            click.echo(f"\rrejected {where}: {reason}", err=True)
+        elif shown == 21:
+            click.echo("\r(further rejections only counted)", err=True)
+
+    def progress(summary: ImportSummary) -> None:
+        if sys.stderr.isatty():
+            click.echo(
+                f"\r  {summary.messages:,} messages, {summary.portals:,} portals, "
+                f"{summary.rejected:,} rejected, {summary.rate:,.0f} msg/s",
+                err=True,
+                nl=False,
+            )
+
+    summary = asyncio.run(publish_source(source, settings_of(ctx), progress, on_reject))
+    if sys.stderr.isatty():
+        click.echo("", err=True)
+    for line in summary.lines():
+        click.echo(line)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except EXPECTED as exc:
+        click.echo(f"backflow: error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

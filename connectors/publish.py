@@ -1,0 +1,181 @@
+"""The source framework: everything a connector does not have to do itself.
+
+``publish_source`` drives a ``Source``: validates each record with the one
+codec, publishes it keyed by portal (history topic for history, live topic
+for live), sends ``Rejected`` items and invalid records to the dead-letter
+topic with the reason, and when the input is exhausted publishes one
+``HistoryComplete`` per portal (behind that portal's messages in the same
+partition) and one ``SyncComplete`` per network, so the pipeline knows the
+run is whole. Memory stays flat: only per-portal counters are kept.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+from aiokafka import AIOKafkaProducer
+
+from backflow import bus
+from backflow.settings import Settings
+from connectors.base import Rejected, Source
+from topics.codec import RecordError, from_dict, to_dict
+from topics.records import HistoryComplete, NetworkMessage, PortalInfo, Record, SyncComplete
+
+# Outstanding sends before we wait for acks: bounds memory, keeps batching.
+WINDOW = 2_000
+
+
+@dataclass
+class ImportSummary:
+    source: str
+    portals: int = 0
+    messages: int = 0
+    rejected: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    stats: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    sync: str = ""
+
+    @property
+    def rate(self) -> float:
+        return self.messages / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"{self.source}: {self.messages} messages in {self.portals} portals published"
+            f" ({self.rate:,.0f} msg/s), {self.rejected} rejected",
+        ]
+        out += [f"  {name}: {count}" for name, count in sorted(self.stats.items())]
+        for reason, count in self.reasons.most_common(10):
+            out.append(f"  rejected x{count}: {reason}")
+        return out
+
+
+Progress = Callable[[ImportSummary], None]
+OnReject = Callable[[str, str], None]
+
+
+def _reason_class(reason: str) -> str:
+    """Group rejection reasons for the summary (drop the varying value part)."""
+    return reason.split(":", 2)[0] if reason.startswith("field") else reason[:80]
+
+
+class Publisher:
+    """Publishes validated records for one run; shared by importers and ingest."""
+
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, stage: str) -> None:
+        self.settings = settings
+        self.producer = producer
+        self.stage = stage
+        self.catalog = settings.catalog
+        self._pending: list = []
+
+    async def send(self, topic: str, record: Record, key: str | None = None) -> None:
+        """Queue one record; waits for acks every WINDOW records."""
+        self._pending.append(await bus.send(self.producer, topic, record, key))
+        if len(self._pending) >= WINDOW:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Wait until the broker acknowledged everything queued so far."""
+        pending, self._pending = self._pending, []
+        for future in pending:
+            await future
+
+    async def record(self, record: NetworkMessage | PortalInfo) -> NetworkMessage | PortalInfo:
+        """Validate a connector's record with the codec's rules and queue it.
+
+        Raises RecordError when invalid; nothing is published then.
+        """
+        checked = from_dict(to_dict(record))
+        assert isinstance(checked, NetworkMessage | PortalInfo)
+        live = isinstance(checked, NetworkMessage) and not checked.history
+        await self.send(self.catalog.live if live else self.catalog.history, checked)
+        return checked
+
+    async def reject(self, where: str, reason: str, original: str | bytes, key: str | None = None):
+        letter = bus.dead_letter(self.stage, f"{where}: {reason}", original, where, key)
+        await self.send(self.catalog.dead_letters, letter, key=key or self.stage)
+
+
+async def publish_source(
+    source: Source,
+    settings: Settings,
+    progress: Progress | None = None,
+    on_reject: OnReject | None = None,
+) -> ImportSummary:
+    """Run a source to the end and publish everything it yields."""
+    summary = ImportSummary(source=source.name, sync=uuid.uuid4().hex)
+    started = time.monotonic()
+    producer = bus.producer(settings)
+    await bus.start(producer, settings)
+    counts: dict[tuple[str, str], int] = {}  # (network, portal) -> history messages
+    publisher = Publisher(settings, producer, stage=f"import.{source.name}")
+    try:
+        for n, item in enumerate(source.read(), start=1):
+            if isinstance(item, Rejected):
+                await _reject(publisher, summary, on_reject, item.where, item.reason, item.original)
+            else:
+                try:
+                    record = await publisher.record(item)
+                except RecordError as exc:
+                    original = to_dict_safe(item)
+                    await _reject(publisher, summary, on_reject, f"item {n}", str(exc), original)
+                    continue
+                portal = (record.network, record.portal)
+                counts.setdefault(portal, 0)
+                if isinstance(record, NetworkMessage):
+                    summary.messages += 1
+                    if record.history:
+                        counts[portal] += 1
+            if progress is not None and n % 1000 == 0:
+                summary.portals = len(counts)
+                summary.seconds = time.monotonic() - started
+                progress(summary)
+        await publisher.flush()
+        # Markers go after the acks, so each follows its portal's history.
+        networks: Counter[str] = Counter()
+        for (network, portal), count in counts.items():
+            marker = HistoryComplete(network, portal, count=count, sync=summary.sync)
+            await publisher.send(settings.catalog.history, marker)
+            networks[network] += 1
+        await publisher.flush()
+        for network, portals in networks.items():
+            done = SyncComplete(network=network, sync=summary.sync, portals=portals)
+            await publisher.send(settings.catalog.history, done)
+        await publisher.flush()
+    finally:
+        await producer.stop()
+    summary.portals = len(counts)
+    summary.stats = dict(source.stats)
+    summary.seconds = time.monotonic() - started
+    if progress is not None:
+        progress(summary)
+    return summary
+
+
+def to_dict_safe(item: object) -> str:
+    try:
+        return orjson.dumps(to_dict(item)).decode()  # type: ignore[arg-type]
+    except Exception:  # the item is broken in ways the encoder rejects too
+        return repr(item)
+
+
+async def _reject(
+    publisher: Publisher,
+    summary: ImportSummary,
+    on_reject: OnReject | None,
+    where: str,
+    reason: str,
+    original: str | bytes,
+) -> None:
+    summary.rejected += 1
+    summary.reasons[_reason_class(reason)] += 1
+    await publisher.reject(where, reason, original)
+    if on_reject is not None:
+        on_reject(where, reason)
