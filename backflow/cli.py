@@ -191,6 +191,20 @@ def import_(
         click.echo(line)
 
 
+@cli.command()
+@click.option("--listen", help="HOST:PORT to listen on (default: ingest.listen).")
+@click.pass_context
+def ingest(ctx: click.Context, listen: str | None) -> None:
+    """Serve the live ingest endpoint (POST /v1/records, bearer token)."""
+    from connectors.ingest import serve
+
+    settings = settings_of(ctx)
+    if listen:
+        settings = settings.with_overrides({"ingest.listen": listen})
+    click.echo(f"ingest listening on http://{settings.ingest.listen}/v1/records")
+    asyncio.run(serve(settings))
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)

@@ -67,6 +67,13 @@ class SinkSettings:
 
 
 @dataclass(frozen=True)
+class IngestSettings:
+    listen: str = "127.0.0.1:8480"
+    token: str | None = None  # required: `backflow ingest` refuses to start without it
+    max_body_bytes: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -74,6 +81,7 @@ class Settings:
     appservice: AppserviceSettings = field(default_factory=AppserviceSettings)
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
     state_dir: Path = DEFAULT_STATE_DIR
 
     @property
