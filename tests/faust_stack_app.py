@@ -34,8 +34,8 @@ app = faust.App(
     datadir=os.environ.get("FAUST_DATADIR", "/tmp/faust-stacktest"),
 )
 
-src = app.topic(IN_TOPIC, key_type=bytes, value_type=bytes, partitions=PARTITIONS)
-dst = app.topic(OUT_TOPIC, key_type=bytes, value_type=bytes, partitions=PARTITIONS)
+src = app.topic(IN_TOPIC, key_serializer="raw", value_serializer="raw", partitions=PARTITIONS)
+dst = app.topic(OUT_TOPIC, key_serializer="raw", value_serializer="raw", partitions=PARTITIONS)
 counts = app.Table("counts", default=int, partitions=PARTITIONS)
 
 
@@ -49,5 +49,5 @@ async def forward(stream: faust.StreamT) -> None:
 
 
 if __name__ == "__main__":
-    sys.argv = [sys.argv[0], "worker", "-l", "warning", *sys.argv[1:]]
+    sys.argv = [sys.argv[0], "worker", "-l", "info", *sys.argv[1:]]
     app.main()

@@ -44,12 +44,15 @@ def test_create_topic_idempotent_and_checked(kafka: EmbeddedKafka) -> None:
         kafka.create_topic(_name("t"), 1, replication=2)
 
 
-async def _consume(consumer: AIOKafkaConsumer, n: int, timeout: float = 20) -> list:
+async def _consume(
+    consumer: AIOKafkaConsumer, n: int, timeout: float = 20, proc: subprocess.Popen | None = None
+) -> list:
     out: list = []
     deadline = time.monotonic() + timeout
     while len(out) < n:
         left = deadline - time.monotonic()
         assert left > 0, f"only got {len(out)} of {n} records"
+        assert proc is None or proc.poll() is None, f"worker exited with {proc.returncode}"
         batch = await consumer.getmany(timeout_ms=500)
         for records in batch.values():
             out.extend(records)
@@ -133,12 +136,11 @@ async def test_faust_agent_runs_on_mock_cluster(kafka: EmbeddedKafka, tmp_path: 
         await consumer.start()
         await producer.start()
         for i in range(6):
-            await producer.send_and_wait(src, key=b"a" if i % 2 else b"b", value=f"m{i}".encode())
-        try:
-            got = await _consume(consumer, 6, timeout=40)
-        except AssertionError:
-            assert proc.poll() is None, "faust worker died"
-            raise
+            key = b"a" if i % 2 else b"b"
+            await producer.send_and_wait(src, key=key, value=f"m{i}".encode())
+        started = time.monotonic()
+        got = await _consume(consumer, 6, timeout=40, proc=proc)
+        print(f"faust round trip after {time.monotonic() - started:.1f}s")
         values = sorted(r.value.decode() for r in got)
         assert values == ["m0|1", "m1|1", "m2|2", "m3|2", "m4|3", "m5|3"]
         assert proc.poll() is None

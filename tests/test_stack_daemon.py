@@ -1,0 +1,90 @@
+"""`backflow stack up` machinery: the detached daemon with all embedded services."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+import pytest
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from backflow.stack.daemon import read_env, start_background, stop_background
+
+
+@pytest.fixture(scope="module")
+def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    state_dir = tmp_path_factory.mktemp("stack")
+    started = time.monotonic()
+    start_background(state_dir, partitions=2)
+    print(f"stack up in {time.monotonic() - started:.1f}s")
+    try:
+        yield state_dir
+    finally:
+        stop_background(state_dir)
+
+
+async def test_daemon_serves_everything(stack_dir: Path) -> None:
+    env = read_env(stack_dir)
+    for name in (
+        "BACKFLOW_KAFKA_BOOTSTRAP", "BACKFLOW_DATABASE_URL", "BACKFLOW_HOMESERVER_URL",
+        "BACKFLOW_SERVER_NAME", "BACKFLOW_REGISTRATION", "BACKFLOW_EMBEDDED_CONTROL",
+    ):
+        assert env.get(name), name
+    # Idempotent: a second `up` finds the running daemon.
+    assert start_background(stack_dir) == env
+
+    topic = f"daemon-{uuid.uuid4().hex[:8]}"
+    async with aiohttp.ClientSession() as http:
+        body = {"topics": [{"name": topic, "partitions": 3}]}
+        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=body) as r:
+            assert r.status == 200, await r.text()
+        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=body) as r:
+            assert r.status == 200, await r.text()  # idempotent
+        bad = {"topics": [{"name": topic, "partitions": 5}]}
+        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=bad) as r:
+            assert r.status == 409
+        async with http.get(f"{env['BACKFLOW_HOMESERVER_URL']}/_matrix/client/versions") as r:
+            assert r.status == 200
+
+    bootstrap = env["BACKFLOW_KAFKA_BOOTSTRAP"]
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b"hello", key=b"k")
+        partitions = await producer.partitions_for(topic)
+        assert len(partitions) == 3
+    finally:
+        await producer.stop()
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, group_id="g", auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    try:
+        record = await consumer.getone()
+        assert record.value == b"hello"
+    finally:
+        await consumer.stop()
+
+    conn = await asyncpg.connect(env["BACKFLOW_DATABASE_URL"])
+    try:
+        assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await conn.close()
+
+    reg = yaml.safe_load(Path(env["BACKFLOW_REGISTRATION"]).read_text())
+    assert reg["url"] is None and reg["namespaces"]["users"][0]["exclusive"]
+
+
+def test_stop_removes_env_and_restart_keeps_tokens(stack_dir: Path) -> None:
+    reg_before = Path(read_env(stack_dir)["BACKFLOW_REGISTRATION"]).read_text()
+    assert stop_background(stack_dir)
+    assert not (stack_dir / "stack.env").exists()
+    assert read_env(stack_dir) == {}
+    assert not stop_background(stack_dir)
+    env = start_background(stack_dir, partitions=2)
+    assert Path(env["BACKFLOW_REGISTRATION"]).read_text() == reg_before
