@@ -63,6 +63,7 @@ async def start(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings)
     try:
         await client.start()
     except Exception as exc:  # aiokafka raises several unrelated types here
+        await client.stop()
         raise BusError(f"cannot reach Kafka at {settings.kafka.bootstrap}: {exc}") from None
 
 

@@ -9,6 +9,7 @@ line instead of a traceback.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from pathlib import Path
 
@@ -35,9 +36,19 @@ def settings_of(ctx: click.Context) -> Settings:
     envvar="BACKFLOW_CONFIG",
     help="Settings file (YAML). Default: ./backflow.yaml when present.",
 )
+@click.option("--verbose", "-v", is_flag=True, help="Show client library logs too.")
 @click.pass_context
-def cli(ctx: click.Context, config: Path | None) -> None:
+def cli(ctx: click.Context, config: Path | None, verbose: bool) -> None:
     """Backfill chat history into Matrix through Kafka."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if not verbose:
+        # Client libraries log every failed connection attempt; our own error
+        # line says the same thing once.
+        for name in ("aiokafka", "kafka", "faust", "mode", "asyncio"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     ctx.obj = {"settings": load(config)}
 
 

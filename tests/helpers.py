@@ -33,9 +33,7 @@ async def read_topic(
     )
     await consumer.start()
     try:
-        partitions = [
-            TopicPartition(topic, p) for p in sorted(await consumer.partitions_for_topic(topic))
-        ]
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         out: list[Record] = []

@@ -32,7 +32,7 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
     env = read_env(stack_dir)
     for name in (
         "BACKFLOW_KAFKA_BOOTSTRAP", "BACKFLOW_DATABASE_URL", "BACKFLOW_HOMESERVER_URL",
-        "BACKFLOW_SERVER_NAME", "BACKFLOW_REGISTRATION", "BACKFLOW_EMBEDDED_CONTROL",
+        "BACKFLOW_HOMESERVER_SERVER_NAME", "BACKFLOW_APPSERVICE_REGISTRATION", "BACKFLOW_EMBEDDED_CONTROL",
     ):
         assert env.get(name), name
     # Idempotent: a second `up` finds the running daemon.
@@ -76,15 +76,15 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
     finally:
         await conn.close()
 
-    reg = yaml.safe_load(Path(env["BACKFLOW_REGISTRATION"]).read_text())
+    reg = yaml.safe_load(Path(env["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text())
     assert reg["url"] is None and reg["namespaces"]["users"][0]["exclusive"]
 
 
 def test_stop_removes_env_and_restart_keeps_tokens(stack_dir: Path) -> None:
-    reg_before = Path(read_env(stack_dir)["BACKFLOW_REGISTRATION"]).read_text()
+    reg_before = Path(read_env(stack_dir)["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text()
     assert stop_background(stack_dir)
     assert not (stack_dir / "stack.env").exists()
     assert read_env(stack_dir) == {}
     assert not stop_background(stack_dir)
     env = start_background(stack_dir, partitions=2)
-    assert Path(env["BACKFLOW_REGISTRATION"]).read_text() == reg_before
+    assert Path(env["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text() == reg_before

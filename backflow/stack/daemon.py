@@ -228,11 +228,8 @@ async def _serve(state_dir: Path, partitions: int) -> None:
             "BACKFLOW_KAFKA_BOOTSTRAP": bootstrap,
             "BACKFLOW_DATABASE_URL": db_url,
             "BACKFLOW_HOMESERVER_URL": synapse.url,
-            # Settings-shaped names (section_key) and the short aliases.
             "BACKFLOW_HOMESERVER_SERVER_NAME": synapse.server_name,
             "BACKFLOW_APPSERVICE_REGISTRATION": str(registration),
-            "BACKFLOW_SERVER_NAME": synapse.server_name,
-            "BACKFLOW_REGISTRATION": str(registration),
             "BACKFLOW_EMBEDDED_CONTROL": f"http://127.0.0.1:{control_port}",
         }
         lines = [f"# backflow stack (pid {os.getpid()}); `backflow stack down` stops it"]

@@ -1,0 +1,119 @@
+"""`backflow import jsonl` through the real CLI and the real broker."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import orjson
+
+from backflow.settings import Settings
+from tests.helpers import read_topic
+from topics.records import HistoryComplete, NetworkMessage, PortalInfo, SyncComplete
+
+TS = 1_700_000_000_000
+
+
+def env_for(settings: Settings) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFLOW_")}
+    env.update(
+        BACKFLOW_KAFKA_BOOTSTRAP=settings.kafka.bootstrap or "",
+        BACKFLOW_KAFKA_TOPIC_PREFIX=settings.kafka.topic_prefix,
+        BACKFLOW_KAFKA_PARTITIONS=str(settings.kafka.partitions),
+        BACKFLOW_DATABASE_URL=settings.database.url or "",
+        BACKFLOW_STATE_DIR=str(settings.state_dir),
+    )
+    return env
+
+
+def backflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "backflow.cli", *args],
+        env=env_for(settings),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def line(i: int, **over) -> bytes:
+    m = {
+        "type": "message",
+        "network": "demo",
+        "portal": "jsonl-chat",
+        "id": f"j{i}",
+        "sender": {"id": "alice"},
+        "ts": TS + i * 1000,
+        "content": {"kind": "text", "body": f"message {i}"},
+    }
+    m.update(over)
+    return orjson.dumps(m)
+
+
+async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path):
+    portal = orjson.dumps(
+        {"type": "portal", "network": "demo", "portal": "jsonl-chat", "name": "J"}
+    )
+    lines = [
+        portal,
+        line(1),
+        b"{this is not json",
+        line(2, ts="1700000000000"),
+        line(3, sender=None),
+        line(4),
+        b"",
+        line(5, content={"kind": "text"}),
+        line(6),
+    ]
+    path = tmp_path / "history.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+    result = backflow(stack, "import", "jsonl", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "history.jsonl:3: invalid JSON" in result.stderr
+    assert "history.jsonl:4: field 'ts': expected an integer, got string" in result.stderr
+    assert "history.jsonl:5: field 'sender': missing" in result.stderr
+    assert "history.jsonl:8: field 'content.body': missing" in result.stderr
+    assert "3 messages in 1 portals published" in result.stdout
+    assert "4 rejected" in result.stdout
+
+    history = await read_topic(stack, stack.catalog.history, expect=6)
+    # One partition holds the portal in publication order, the marker last.
+    portal_records = [r for r in history if getattr(r, "key", "") == "demo:jsonl-chat"]
+    assert [type(r) for r in portal_records] == [PortalInfo] + [NetworkMessage] * 3 + [
+        HistoryComplete
+    ]
+    assert [m.id for m in portal_records[1:4]] == ["j1", "j4", "j6"]
+    assert portal_records[4].count == 3
+    (sync,) = [r for r in history if isinstance(r, SyncComplete)]
+    assert sync.portals == 1 and sync.sync == portal_records[4].sync
+
+    letters = await read_topic(stack, stack.catalog.dead_letters, expect=4)
+    assert sorted(d.source for d in letters) == [f"history.jsonl:{n}" for n in (3, 4, 5, 8)]
+    assert all(d.stage == "import.jsonl" for d in letters)
+    by_source = {d.source: d for d in letters}
+    assert by_source["history.jsonl:3"].original == "{this is not json"
+    assert "field 'content.body'" in by_source["history.jsonl:8"].reason
+
+
+async def test_missing_file_and_unreachable_broker_are_one_line(stack, tmp_path):
+    result = backflow(stack, "import", "jsonl", str(tmp_path / "nope.jsonl"))
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [
+        f"backflow: error: {tmp_path / 'nope.jsonl'}: no such file or directory"
+    ]
+    path = tmp_path / "one.jsonl"
+    path.write_bytes(line(1) + b"\n")
+    dead = stack.with_overrides({"kafka.bootstrap": "127.0.0.1:1"})
+    result = backflow(dead, "import", "jsonl", str(path))
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.startswith("backflow: error: cannot reach Kafka at 127.0.0.1:1")
+
+
+async def test_unknown_format_lists_installed(stack, tmp_path):
+    result = backflow(stack, "import", "--list")
+    assert result.returncode == 0 and "jsonl" in result.stdout
+    result = backflow(stack, "import", "nope", str(tmp_path))
+    assert result.returncode != 0 and "unknown format 'nope'" in result.stderr
