@@ -31,8 +31,12 @@ def stack_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 async def test_daemon_serves_everything(stack_dir: Path) -> None:
     env = read_env(stack_dir)
     for name in (
-        "BACKFLOW_KAFKA_BOOTSTRAP", "BACKFLOW_DATABASE_URL", "BACKFLOW_HOMESERVER_URL",
-        "BACKFLOW_HOMESERVER_SERVER_NAME", "BACKFLOW_APPSERVICE_REGISTRATION", "BACKFLOW_EMBEDDED_CONTROL",
+        "BACKFLOW_KAFKA_BOOTSTRAP",
+        "BACKFLOW_DATABASE_URL",
+        "BACKFLOW_HOMESERVER_URL",
+        "BACKFLOW_HOMESERVER_SERVER_NAME",
+        "BACKFLOW_APPSERVICE_REGISTRATION",
+        "BACKFLOW_EMBEDDED_CONTROL",
     ):
         assert env.get(name), name
     # Idempotent: a second `up` finds the running daemon.
