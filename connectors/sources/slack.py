@@ -1,0 +1,550 @@
+"""Slack workspace exports: the ``.zip`` (or its unpacked folder) from Settings > Import/Export.
+
+Layout: ``users.json``, ``channels.json`` (+ ``groups.json``, ``dms.json``,
+``mpims.json`` when the export has them) and one ``<folder>/<YYYY-MM-DD>.json``
+array of messages per conversation and day. Day files are read one at a time,
+so memory is bounded by the largest day, not the workspace.
+
+Mapping:
+- portal = conversation id (``C…``, ``G…``, ``D…``); folder = name (id for DMs).
+- message id = the Slack ``ts`` string, unique per channel; files attached to a
+  message are extra parts (``part`` 1, 2, … after the text, or from 0 when the
+  message has no text).
+- ``thread_ts`` != ``ts``: ``thread`` and ``reply_to`` = ``thread_ts``.
+- reactions: one ``reaction`` record per user per emoji, id
+  ``{ts}:react:{name}:{user}``, at the message's time (the export has no
+  reaction times); emoji names become Unicode when known, else ``:name:``.
+- ``edited``: the export only has the final text, which is imported as is (an
+  edit record would repeat it with nothing to replace).
+- joins, leaves, topic/purpose/name changes, pins: ``notice``; ``me_message``:
+  ``emote``; deleted messages and tombstones: skipped.
+- files: ``media`` with ``url`` = ``url_private`` (downloading it needs a Slack
+  token; the sink decides); files without a URL become a notice.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from connectors.base import Item, Rejected, Source, SourceError
+from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
+
+CONVERSATION_FILES = ("channels.json", "groups.json", "mpims.json", "dms.json")
+SKIP_SUBTYPES = frozenset({"message_deleted", "tombstone", "message_changed", "message_replied"})
+NOTICE_SUBTYPES = frozenset(
+    {
+        "channel_join",
+        "channel_leave",
+        "group_join",
+        "group_leave",
+        "channel_topic",
+        "channel_purpose",
+        "channel_name",
+        "group_topic",
+        "group_purpose",
+        "group_name",
+        "channel_archive",
+        "channel_unarchive",
+        "group_archive",
+        "group_unarchive",
+        "pinned_item",
+        "unpinned_item",
+        "reminder_add",
+    }
+)
+_DAY_FILE = re.compile(r"^(?P<folder>[^/]+)/(?P<day>\d{4}-\d{2}-\d{2})\.json$")
+_TS = re.compile(r"^\d{1,12}(\.\d{1,9})?$")
+
+# The emoji people actually react with; anything else stays ":name:".
+EMOJI = {
+    "+1": "👍",
+    "thumbsup": "👍",
+    "-1": "👎",
+    "thumbsdown": "👎",
+    "heart": "❤️",
+    "smile": "😄",
+    "smiley": "😃",
+    "grinning": "😀",
+    "grin": "😁",
+    "laughing": "😆",
+    "joy": "😂",
+    "rolling_on_the_floor_laughing": "🤣",
+    "slightly_smiling_face": "🙂",
+    "wink": "😉",
+    "blush": "😊",
+    "heart_eyes": "😍",
+    "thinking_face": "🤔",
+    "neutral_face": "😐",
+    "confused": "😕",
+    "cry": "😢",
+    "sob": "😭",
+    "scream": "😱",
+    "open_mouth": "😮",
+    "astonished": "😲",
+    "sweat_smile": "😅",
+    "sunglasses": "😎",
+    "upside_down_face": "🙃",
+    "pray": "🙏",
+    "clap": "👏",
+    "wave": "👋",
+    "ok_hand": "👌",
+    "muscle": "💪",
+    "raised_hands": "🙌",
+    "point_up": "☝️",
+    "eyes": "👀",
+    "fire": "🔥",
+    "tada": "🎉",
+    "rocket": "🚀",
+    "star": "⭐",
+    "sparkles": "✨",
+    "100": "💯",
+    "white_check_mark": "✅",
+    "heavy_check_mark": "✔️",
+    "x": "❌",
+    "warning": "⚠️",
+    "bulb": "💡",
+    "coffee": "☕",
+    "beer": "🍺",
+    "pizza": "🍕",
+    "cake": "🍰",
+    "party_popper": "🎉",
+    "partying_face": "🥳",
+    "facepalm": "🤦",
+    "shrug": "🤷",
+    "see_no_evil": "🙈",
+    "skull": "💀",
+    "poop": "💩",
+    "hankey": "💩",
+    "broken_heart": "💔",
+    "heavy_plus_sign": "➕",
+    "question": "❓",
+    "exclamation": "❗",
+    "memo": "📝",
+    "calendar": "📆",
+    "smile_cat": "😸",
+}
+_SKIN_TONES = {f"skin-tone-{n}": chr(0x1F3FB + n - 2) for n in range(2, 7)}
+_SHORTCODE = re.compile(r":([a-z0-9_+'-]+)(?:::(skin-tone-[2-6]))?:")
+
+
+def emoji(name: str) -> str:
+    """Slack reaction name (``thumbsup::skin-tone-3``) to Unicode, else ``:name:``."""
+    base, _, tone = name.partition("::")
+    char = EMOJI.get(base)
+    if char is None:
+        return f":{name}:"
+    return char + _SKIN_TONES.get(tone, "")
+
+
+def ts_ms(ts: str) -> int:
+    """Slack's "1700000000.123456" (seconds as a decimal string) to integer ms, no floats."""
+    sec, _, frac = ts.partition(".")
+    return int(sec) * 1000 + int((frac + "000")[:3])
+
+
+# ---------------------------------------------------------------- mrkdwn
+
+
+class _Mrkdwn:
+    """Slack mrkdwn to (plain body, Matrix HTML or None when there is no formatting)."""
+
+    _PRE = re.compile(r"```(.*?)```", re.S)
+    _CODE = re.compile(r"`([^`\n]+)`")
+    _TOKEN = re.compile(r"<([^<>\n]+)>")
+    _STYLES = (
+        (re.compile(r"(?<![\w*])\*(?=\S)([^*\n]*?\S)\*(?![\w*])"), "strong"),
+        (re.compile(r"(?<![\w_])_(?=\S)([^_\n]*?\S)_(?![\w_])"), "em"),
+        (re.compile(r"(?<![\w~])~(?=\S)([^~\n]*?\S)~(?![\w~])"), "del"),
+    )
+
+    def __init__(self, users: dict[str, str], channels: dict[str, str]) -> None:
+        self.users = users
+        self.channels = channels
+
+    def render(self, text: str) -> tuple[str, str | None]:
+        plain: list[str] = []
+        rich: list[str] = []
+        formatted = False
+        pos = 0
+        for m in self._PRE.finditer(text):
+            p, h, f = self._inline(text[pos : m.start()])
+            plain.append(p)
+            rich.append(h)
+            formatted |= f
+            code = self._tokens_plain(m.group(1)).strip("\n")
+            plain.append(code)
+            rich.append(f"<pre><code>{html.escape(code, quote=False)}</code></pre>")
+            formatted = True
+            pos = m.end()
+        p, h, f = self._inline(text[pos:])
+        plain.append(p)
+        rich.append(h)
+        formatted |= f
+        body = "".join(plain)
+        return body, ("".join(rich) if formatted else None)
+
+    def _inline(self, text: str) -> tuple[str, str, bool]:
+        plain: list[str] = []
+        rich: list[str] = []
+        formatted = False
+        pos = 0
+        for m in self._CODE.finditer(text):
+            p, h, f = self._styled(text[pos : m.start()])
+            code = self._tokens_plain(m.group(1))
+            plain += [p, code]
+            rich += [h, f"<code>{html.escape(code, quote=False)}</code>"]
+            formatted = True
+            formatted |= f
+            pos = m.end()
+        p, h, f = self._styled(text[pos:])
+        plain.append(p)
+        rich.append(h)
+        return "".join(plain), "".join(rich), formatted or f
+
+    def _styled(self, text: str) -> tuple[str, str, bool]:
+        tokens: list[tuple[str, str, bool]] = []
+
+        def stash(m: re.Match[str]) -> str:
+            tokens.append(self._token(m.group(1)))
+            return f"\ue000{len(tokens) - 1}\ue001"
+
+        marked = self._TOKEN.sub(stash, text)
+        # Slack escapes &, < and > in message text; unescape once, re-escape for HTML.
+        plain = html.unescape(marked)
+        rich = html.escape(plain, quote=False)
+        formatted = any(t[2] for t in tokens)
+        for regex, tag in self._STYLES:
+            rich, n = regex.subn(rf"<{tag}>\1</{tag}>", rich)
+            plain = regex.sub(r"\1", plain)
+            formatted |= n > 0
+        plain = _SHORTCODE.sub(lambda m: emoji(m.group(0).strip(":")), plain)
+        rich = _SHORTCODE.sub(lambda m: emoji(m.group(0).strip(":")), rich)
+        lines = rich.split("\n")
+        if any(line.startswith("&gt; ") for line in lines):
+            formatted = True
+            rich = "".join(
+                f"<blockquote>{line[5:]}</blockquote>"
+                if line.startswith("&gt; ")
+                else line + ("<br>" if i < len(lines) - 1 else "")
+                for i, line in enumerate(lines)
+            )
+        else:
+            rich = "<br>".join(lines)
+        restore = re.compile("\ue000(\\d+)\ue001")
+        plain = restore.sub(lambda m: tokens[int(m.group(1))][0], plain)
+        rich = restore.sub(lambda m: tokens[int(m.group(1))][1], rich)
+        return plain, rich, formatted
+
+    def _tokens_plain(self, text: str) -> str:
+        return html.unescape(self._TOKEN.sub(lambda m: self._token(m.group(1))[0], text))
+
+    def _token(self, inner: str) -> tuple[str, str, bool]:
+        """One ``<…>`` token: (plain, html, is formatting)."""
+        target, _, label = inner.partition("|")
+        target, label = html.unescape(target), html.unescape(label)
+        if target.startswith("@"):
+            name = self.users.get(target[1:]) or label or target[1:]
+            text = f"@{name}"
+            return text, html.escape(text, quote=False), False
+        if target.startswith("#"):
+            name = label or self.channels.get(target[1:]) or target[1:]
+            text = f"#{name}"
+            return text, html.escape(text, quote=False), False
+        if target.startswith("!"):
+            word = target[1:].split("^", 1)[0]
+            if word in ("here", "channel", "everyone"):
+                text = f"@{word}"
+            else:
+                text = label or f"@{word}"
+            return text, html.escape(text, quote=False), False
+        bare = target.removeprefix("mailto:")
+        shown = label or bare
+        link = f'<a href="{html.escape(target)}">{html.escape(shown, quote=False)}</a>'
+        plain = shown if shown in (target, bare) else f"{shown} ({target})"
+        return plain, link, True
+
+
+# ---------------------------------------------------------------- archive access
+
+
+class _Export:
+    """A Slack export as a zip or a folder: JSON files by name, day files by folder."""
+
+    _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.zip: zipfile.ZipFile | None = None
+        names: list[str]
+        if path.is_dir():
+            names = [p.relative_to(path).as_posix() for p in path.rglob("*.json") if p.is_file()]
+        elif path.is_file():
+            try:
+                self.zip = zipfile.ZipFile(path)
+            except (zipfile.BadZipFile, OSError, EOFError) as exc:
+                raise SourceError(f"{path.name}: not a readable zip ({exc})") from None
+            names = [i.filename for i in self.zip.infolist() if not i.is_dir()]
+        else:
+            raise SourceError(f"{path}: no such file or directory")
+        # Some tools wrap the export in one top-level folder: find it by users.json.
+        roots = sorted(
+            (n for n in names if PurePosixPath(n).name in ("users.json", "channels.json")),
+            key=lambda n: n.count("/"),
+        )
+        if not roots:
+            raise SourceError(f"{path.name}: not a Slack export (no users.json or channels.json)")
+        parent = PurePosixPath(roots[0]).parent.as_posix()
+        self.prefix = "" if parent == "." else parent + "/"
+        self.days: dict[str, list[str]] = {}
+        for name in names:
+            if not name.startswith(self.prefix) or ".." in name.split("/"):
+                continue
+            m = _DAY_FILE.match(name[len(self.prefix) :])
+            if m:
+                self.days.setdefault(m.group("folder"), []).append(m.group("day"))
+        for days in self.days.values():
+            days.sort()
+        self.names = {n[len(self.prefix) :] for n in names if n.startswith(self.prefix)}
+
+    def open(self, name: str) -> IO[bytes]:
+        full = self.prefix + name
+        if self.zip is not None:
+            return self.zip.open(full)
+        return (self.path / full).open("rb")
+
+    def load(self, name: str) -> Any:
+        """Parse one JSON file; damage is the caller's to report."""
+        with self.open(name) as handle:
+            return json.load(handle)
+
+    def metadata(self, name: str) -> list[dict[str, Any]]:
+        """A top-level list file (users.json, channels.json …); absent means empty."""
+        if name not in self.names:
+            return []
+        try:
+            data = self.load(name)
+        except (ValueError, *self._DAMAGE) as exc:
+            raise SourceError(f"{self.path.name}: cannot read {name}: {exc}") from None
+        if not isinstance(data, list):
+            raise SourceError(f"{self.path.name}: {name} is not a JSON array")
+        return [d for d in data if isinstance(d, dict)]
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
+
+
+# ---------------------------------------------------------------- source
+
+
+class SlackSource(Source):
+    name = "slack"
+    network = "slack"
+    description = "Slack workspace export (.zip or its unpacked folder)"
+
+    def read(self) -> Iterator[Item]:
+        export = _Export(self.path)
+        try:
+            yield from self._read(export)
+        finally:
+            export.close()
+
+    def _read(self, export: _Export) -> Iterator[Item]:
+        stats = self.stats
+        for key in ("messages", "reactions", "media", "skipped"):
+            stats.setdefault(key, 0)
+        names_option = self.options.get("names", "display")
+        if names_option not in ("display", "real"):
+            raise SourceError(f"option names must be display or real, got {names_option!r}")
+        self.users: dict[str, str] = {}
+        for user in export.metadata("users.json"):
+            profile = user.get("profile") or {}
+            display = profile.get("display_name")
+            real = profile.get("real_name") or user.get("real_name")
+            first, second = (real, display) if names_option == "real" else (display, real)
+            name = first or second or user.get("name")
+            if isinstance(user.get("id"), str):
+                self.users[user["id"]] = name or user["id"]
+        conversations: list[tuple[str, dict[str, Any]]] = []
+        for filename in CONVERSATION_FILES:
+            for conv in export.metadata(filename):
+                if isinstance(conv.get("id"), str):
+                    conversations.append((filename, conv))
+        channel_names = {c["id"]: c.get("name") or c["id"] for _, c in conversations}
+        self.mrkdwn = _Mrkdwn(self.users, channel_names)
+        only = {c.strip().lstrip("#") for c in self.options.get("channels", "").split(",")}
+        only.discard("")
+
+        done: set[str] = set()
+        for filename, conv in conversations:
+            folder = conv.get("name") if filename != "dms.json" else conv["id"]
+            if folder not in export.days and conv["id"] in export.days:
+                folder = conv["id"]
+            if only and not ({conv["id"], folder} & only):
+                continue
+            done.add(folder)
+            yield self._portal(conv, filename)
+            yield from self._conversation(export, conv["id"], folder)
+        # Folders no list mentions (partial exports): the folder name is all we know.
+        for folder in sorted(set(export.days) - done):
+            if only and folder not in only:
+                continue
+            yield PortalInfo(network=self.network, portal=folder, name=folder)
+            yield from self._conversation(export, folder, folder)
+
+    def _portal(self, conv: dict[str, Any], filename: str) -> PortalInfo:
+        members = tuple(
+            Member(id=u, name=self.users.get(u))
+            for u in conv.get("members") or ()
+            if isinstance(u, str)
+        )
+        if filename == "dms.json" or not conv.get("name"):
+            name = ", ".join(m.name or m.id for m in members) or conv["id"]
+        else:
+            name = conv["name"]
+        topic = None
+        for key in ("topic", "purpose"):
+            value = (conv.get(key) or {}).get("value")
+            if value:
+                topic = self.mrkdwn.render(value)[0]
+                break
+        return PortalInfo(
+            network=self.network, portal=conv["id"], name=name, topic=topic, members=members
+        )
+
+    def _conversation(self, export: _Export, portal: str, folder: str) -> Iterator[Item]:
+        for day in export.days.get(folder, ()):
+            name = f"{folder}/{day}.json"
+            try:
+                messages = export.load(name)
+            except ValueError as exc:
+                yield Rejected(name, f"invalid JSON: {exc}")
+                continue
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                raise SourceError(f"{self.path.name}: damaged archive at {name}: {exc}") from None
+            if not isinstance(messages, list):
+                yield Rejected(name, "day file is not a JSON array")
+                continue
+            for index, msg in enumerate(messages):
+                where = f"{name}[{index}]"
+                if not isinstance(msg, dict):
+                    yield Rejected(where, "message is not a JSON object", json.dumps(msg)[:2000])
+                    continue
+                yield from self._message(portal, msg, where)
+            del messages  # one day in memory at a time
+
+    def _sender(self, msg: dict[str, Any]) -> Sender | None:
+        user = msg.get("user")
+        if msg.get("subtype") == "bot_message" or (not user and msg.get("bot_id")):
+            bot = msg.get("bot_profile") or {}
+            name = msg.get("username") or bot.get("name")
+            ident = msg.get("bot_id") or (f"bot:{name}" if name else None)
+            return Sender(id=ident, name=name) if ident else None
+        if not isinstance(user, str) or not user:
+            return None
+        profile = msg.get("user_profile") or {}
+        name = (
+            self.users.get(user)
+            or profile.get("display_name")
+            or profile.get("real_name")
+            or profile.get("name")
+        )
+        return Sender(id=user, name=name)
+
+    def _message(self, portal: str, msg: dict[str, Any], where: str) -> Iterator[Item]:
+        subtype = msg.get("subtype")
+        if subtype in SKIP_SUBTYPES or msg.get("hidden"):
+            self.stats["skipped"] += 1
+            return
+        ts = msg.get("ts")
+        if not isinstance(ts, str) or not _TS.match(ts):
+            yield Rejected(where, f"missing or malformed ts {ts!r}", json.dumps(msg)[:2000])
+            return
+        sender = self._sender(msg)
+        if sender is None:
+            yield Rejected(where, "message has neither user nor bot_id", json.dumps(msg)[:2000])
+            return
+        thread_ts = msg.get("thread_ts")
+        thread = thread_ts if isinstance(thread_ts, str) and thread_ts != ts else None
+        base = {
+            "network": self.network,
+            "portal": portal,
+            "id": ts,
+            "sender": sender,
+            "ts": ts_ms(ts),
+            "reply_to": thread,
+            "thread": thread,
+        }
+
+        text = msg.get("text") or ""
+        if not text:
+            # Bot posts often carry everything in attachments; their fallback is the text.
+            text = "\n".join(
+                a.get("fallback") or a.get("text") or ""
+                for a in msg.get("attachments") or ()
+                if isinstance(a, dict)
+            ).strip()
+        part = 0
+        if text:
+            body, rich = self.mrkdwn.render(text)
+            kind = "notice" if subtype in NOTICE_SUBTYPES else "text"
+            if subtype == "me_message":
+                kind = "emote"
+            yield NetworkMessage(**base, content=Content(kind=kind, body=body, html=rich))
+            part += 1
+        for file in msg.get("files") or ():
+            if not isinstance(file, dict) or file.get("mode") == "tombstone":
+                continue
+            yield NetworkMessage(**base, part=part, content=self._file(file))
+            part += 1
+        if part == 0:
+            self.stats["skipped"] += 1
+            return
+        self.stats["messages"] += 1
+
+        for reaction in msg.get("reactions") or ():
+            if not isinstance(reaction, dict) or not isinstance(reaction.get("name"), str):
+                continue
+            key = emoji(reaction["name"])
+            for user in reaction.get("users") or ():
+                if not isinstance(user, str):
+                    continue
+                self.stats["reactions"] += 1
+                yield NetworkMessage(
+                    network=self.network,
+                    portal=portal,
+                    id=f"{ts}:react:{reaction['name']}:{user}",
+                    sender=Sender(id=user, name=self.users.get(user)),
+                    ts=base["ts"],
+                    content=Content(kind="reaction", target=ts, key=key),
+                    thread=thread,
+                )
+
+    def _file(self, file: dict[str, Any]) -> Content:
+        name = file.get("name") or file.get("title") or file.get("id") or "file"
+        url = file.get("url_private") or file.get("permalink")
+        if not isinstance(url, str) or not url:
+            return Content(kind="notice", body=f"{name} (file not available in the export)")
+        self.stats["media"] += 1
+        mimetype = file.get("mimetype") or None
+        major = (mimetype or "").split("/", 1)[0]
+        size = file.get("size")
+        width, height = file.get("original_w"), file.get("original_h")
+        return Content(
+            kind="media",
+            media_type=major if major in ("image", "video", "audio") else "file",
+            body=file.get("title") or name,
+            filename=name,
+            mimetype=mimetype,
+            size=size if isinstance(size, int) and size >= 0 else None,
+            url=url,
+            width=width if isinstance(width, int) else None,
+            height=height if isinstance(height, int) else None,
+        )

@@ -1,0 +1,153 @@
+"""Write synthetic exports of N messages in each supported format.
+
+Used by the streaming-memory checks (a 10x larger input must not need 10x the
+memory) and handy for benchmarks:
+
+    python tests/generate_exports.py whatsapp 200000 /tmp/exports
+
+Files are written line by line / day by day, so generating is cheap in memory
+too. Content is deterministic for a given N.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import zipfile
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+START = datetime(2023, 1, 1, tzinfo=UTC)
+SENDERS = ("Alice", "Bob", "Carol", "Dave", "Eve")
+
+
+def _text(i: int) -> str:
+    return f"message number {i} with some words to make it look like chat"
+
+
+def write_whatsapp(folder: Path, n: int) -> Path:
+    """An Android 24h day-first export: multi-line every 10th, a system line every 100th."""
+    path = folder / f"WhatsApp Chat with Generated {n}.txt"
+    with path.open("w", encoding="utf-8") as out:
+        for i in range(n):
+            when = (START + timedelta(minutes=i)).strftime("%d/%m/%Y, %H:%M")
+            if i % 100 == 99:
+                out.write(f"{when} - Alice added User{i}\n")
+            elif i % 10 == 9:
+                out.write(f"{when} - {SENDERS[i % 5]}: {_text(i)}\nsecond line\nthird line\n")
+            else:
+                out.write(f"{when} - {SENDERS[i % 5]}: {_text(i)}\n")
+    return path
+
+
+def write_slack(folder: Path, n: int, per_day: int = 100) -> Path:
+    """A zipped workspace export: two channels, ``per_day`` messages per channel per day."""
+    path = folder / f"slack-{n}.zip"
+    users = [{"id": f"U{k}", "name": s.lower(), "real_name": s} for k, s in enumerate(SENDERS)]
+    channels = [
+        {"id": f"C{k}", "name": f"chan{k}", "members": [u["id"] for u in users]} for k in (0, 1)
+    ]
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("users.json", json.dumps(users))
+        zf.writestr("channels.json", json.dumps(channels))
+        written = 0
+        day = 0
+        while written < n:
+            for channel in channels:
+                batch = []
+                for k in range(min(per_day, n - written)):
+                    ts = f"{int((START + timedelta(days=day)).timestamp()) + k * 60}.{k:06d}"
+                    msg = {
+                        "type": "message",
+                        "user": f"U{k % 5}",
+                        "text": f"*{_text(k)}*",
+                        "ts": ts,
+                    }
+                    if k % 10 == 0:
+                        msg["reactions"] = [{"name": "thumbsup", "users": ["U1"], "count": 1}]
+                    batch.append(msg)
+                written += len(batch)
+                if batch:
+                    date = (START + timedelta(days=day)).strftime("%Y-%m-%d")
+                    zf.writestr(f"{channel['name']}/{date}.json", json.dumps(batch))
+            day += 1
+    return path
+
+
+def write_telegram(folder: Path, n: int) -> Path:
+    """A single-chat result.json with entities and replies."""
+    export = folder / f"telegram-{n}"
+    export.mkdir(parents=True, exist_ok=True)
+    path = export / "result.json"
+    with path.open("w", encoding="utf-8") as out:
+        out.write('{"name": "Generated", "type": "private_group", "id": 777, "messages": [\n')
+        for i in range(n):
+            msg = {
+                "id": i + 1,
+                "type": "message",
+                "date_unixtime": str(int(START.timestamp()) + i * 60),
+                "from": SENDERS[i % 5],
+                "from_id": f"user{i % 5}",
+                "text_entities": [
+                    {"type": "plain", "text": _text(i) + " "},
+                    {"type": "bold", "text": "bold"},
+                ],
+            }
+            if i % 7 == 6:
+                msg["reply_to_message_id"] = i
+            out.write(("," if i else "") + json.dumps(msg) + "\n")
+        out.write("]}\n")
+    return path
+
+
+def write_jsonl(folder: Path, n: int) -> Path:
+    path = folder / f"records-{n}.jsonl"
+    with path.open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"type": "portal", "network": "demo", "portal": "p", "name": "P"}))
+        out.write("\n")
+        for i in range(n):
+            record = {
+                "type": "message",
+                "network": "demo",
+                "portal": "p",
+                "id": f"m{i}",
+                "sender": {"id": SENDERS[i % 5].lower()},
+                "ts": int(START.timestamp() * 1000) + i,
+                "content": {"kind": "text", "body": _text(i)},
+            }
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+def write_csv(folder: Path, n: int) -> Path:
+    path = folder / f"history-{n}.csv"
+    with path.open("w", encoding="utf-8", newline="") as out:
+        out.write("portal,id,sender,ts,body\n")
+        for i in range(n):
+            ts = int(START.timestamp() * 1000) + i * 1000
+            out.write(f'room{i % 3},m{i},{SENDERS[i % 5]},{ts},"{_text(i)}, quoted"\n')
+    return path
+
+
+WRITERS: dict[str, Callable[[Path, int], Path]] = {
+    "whatsapp": write_whatsapp,
+    "slack": write_slack,
+    "telegram": write_telegram,
+    "jsonl": write_jsonl,
+    "csv": write_csv,
+}
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in WRITERS:
+        print(f"usage: generate_exports.py {{{'|'.join(WRITERS)}}} N OUT_DIR", file=sys.stderr)
+        return 2
+    out = Path(argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    print(WRITERS[argv[0]](out, int(argv[1])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,224 @@
+"""Slack export parsing: portals, mrkdwn to HTML, threads, reactions, files, damage."""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from connectors.base import Rejected, SourceError
+from connectors.sources.slack import SlackSource, _Mrkdwn, emoji, ts_ms
+from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
+
+SAMPLES = Path(__file__).parent / "samples" / "slack"
+ALICE = Sender("U01ALICE", "alice")
+BOB = Sender("U02BOB", "Bob Builder")
+
+
+def zip_tree(src: Path, dest: Path, prefix: str = "") -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(src.rglob("*")):
+            if f.is_file():
+                zf.write(f, prefix + f.relative_to(src).as_posix())
+    return dest
+
+
+@pytest.fixture
+def export_zip(tmp_path: Path) -> Path:
+    return zip_tree(SAMPLES, tmp_path / "Acme Slack export.zip")
+
+
+def read(path: Path, **options: str) -> tuple[list, list[Rejected], SlackSource]:
+    source = SlackSource(path, options)
+    items = list(source.read())
+    return (
+        [i for i in items if not isinstance(i, Rejected)],
+        [i for i in items if isinstance(i, Rejected)],
+        source,
+    )
+
+
+def by_id(records: list) -> dict[tuple[str, int], NetworkMessage]:
+    return {(r.id, r.part): r for r in records if isinstance(r, NetworkMessage)}
+
+
+def test_portals_in_order_with_members_and_topic(export_zip: Path) -> None:
+    records, _, _ = read(export_zip)
+    portals = [r for r in records if isinstance(r, PortalInfo)]
+    assert portals == [
+        PortalInfo(
+            "slack",
+            "C01GENERAL",
+            name="general",
+            topic="Company-wide & news (https://example.com)",
+            members=(Member("U01ALICE", "alice"), Member("U02BOB", "Bob Builder")),
+        ),
+        PortalInfo("slack", "C02EMPTY", name="empty"),
+        PortalInfo(
+            "slack",
+            "D0ABDM",
+            name="alice, Bob Builder",
+            members=(Member("U01ALICE", "alice"), Member("U02BOB", "Bob Builder")),
+        ),
+    ]
+    # Each portal's info comes before its messages.
+    seen: set[str] = set()
+    for r in records:
+        if isinstance(r, PortalInfo):
+            seen.add(r.portal)
+        else:
+            assert r.portal in seen
+
+
+def test_messages_exact(export_zip: Path) -> None:
+    records, rejected, source = read(export_zip)
+    msgs = by_id(records)
+    assert msgs[("1699999000.000100", 0)].content == Content(
+        kind="notice", body="@Bob Builder has joined the channel"
+    )
+    hello = msgs[("1700000000.123456", 0)]
+    assert hello.sender == ALICE
+    assert hello.ts == 1_700_000_000_123
+    assert hello.thread is None and hello.reply_to is None
+    assert hello.content.body == (
+        "Hello team, please read this code <now> & see the doc "
+        "(https://example.com/a?b=1&c=2) cc @Bob Builder in #general"
+    )
+    assert hello.content.html == (
+        "Hello <strong>team</strong>, <em>please</em> read <del>this</del> <code>code</code> "
+        '&lt;now&gt; &amp; see <a href="https://example.com/a?b=1&amp;c=2">the doc</a> '
+        "cc @Bob Builder in #general"
+    )
+    reply = msgs[("1700000100.000200", 0)]
+    assert reply.sender == BOB
+    assert reply.thread == reply.reply_to == "1700000000.123456"
+    assert reply.content.body == "Reply in thread\nx = 1 < 2\ny = *not bold*"
+    assert reply.content.html == (
+        "Reply in thread<br><pre><code>x = 1 &lt; 2\ny = *not bold*</code></pre>"
+    )
+    assert msgs[("1700000300.000300", 0)].content == Content(kind="text", body="see attached")
+    assert msgs[("1700000300.000300", 1)].content == Content(
+        kind="media",
+        media_type="image",
+        body="A cat",
+        filename="cat.png",
+        mimetype="image/png",
+        size=1234,
+        url="https://files.slack.com/files-pri/T0-F01/cat.png",
+        width=640,
+        height=480,
+    )
+    assert ("1700000300.000300", 2) not in msgs  # the tombstoned file
+    bot = msgs[("1700000400.000400", 0)]
+    assert bot.sender == Sender("B01", "deploybot")
+    assert bot.content.body == "Deploy finished"
+    assert ("1700000500.000500", 0) not in msgs  # tombstone message skipped
+    assert msgs[("1700050000.000000", 0)].content == Content(kind="emote", body="waves 👋")
+    pdf = msgs[("1700050001.000000", 0)].content
+    assert (pdf.kind, pdf.media_type, pdf.filename) == ("media", "file", "report.pdf")
+    assert msgs[("1700001000.000000", 0)].portal == "D0ABDM"
+    assert [r.where for r in rejected] == ["general/2023-11-14.json[6]"]
+    assert source.stats == {"messages": 8, "reactions": 3, "media": 2, "skipped": 1}
+
+
+def test_reactions_are_separate_records(export_zip: Path) -> None:
+    records, _, _ = read(export_zip)
+    reactions = [
+        r for r in records if isinstance(r, NetworkMessage) and r.content.kind == "reaction"
+    ]
+    assert [(r.id, r.sender.id, r.content.key, r.content.target) for r in reactions] == [
+        ("1700000000.123456:react:thumbsup:U02BOB", "U02BOB", "👍", "1700000000.123456"),
+        ("1700000000.123456:react:thumbsup:U01ALICE", "U01ALICE", "👍", "1700000000.123456"),
+        (
+            "1700000000.123456:react:custom_party:U02BOB",
+            "U02BOB",
+            ":custom_party:",
+            "1700000000.123456",
+        ),
+    ]
+    assert all(r.ts == 1_700_000_000_123 for r in reactions)
+
+
+def test_folder_and_zip_give_the_same_records(export_zip: Path, tmp_path: Path) -> None:
+    wrapped = zip_tree(SAMPLES, tmp_path / "wrapped.zip", prefix="Acme export/")
+    assert read(SAMPLES)[0] == read(export_zip)[0] == read(wrapped)[0]
+
+
+def test_options(export_zip: Path) -> None:
+    records, _, _ = read(export_zip, channels="#general")
+    assert {r.portal for r in records} == {"C01GENERAL"}
+    records, _, _ = read(export_zip, names="real")
+    assert records[0].members[0] == Member("U01ALICE", "Alice Liddell")
+    with pytest.raises(SourceError, match="names"):
+        read(export_zip, names="nick")
+
+
+def test_ts_and_emoji_helpers() -> None:
+    assert ts_ms("1700000000.123456") == 1_700_000_000_123
+    assert ts_ms("1700000000") == 1_700_000_000_000
+    assert ts_ms("1700000000.1") == 1_700_000_000_100
+    assert emoji("thumbsup::skin-tone-3") == "👍\U0001f3fc"
+    assert emoji("+1") == "👍"
+    assert emoji("parrot") == ":parrot:"
+
+
+@pytest.mark.parametrize(
+    ("text", "body", "html"),
+    [
+        ("plain text", "plain text", None),
+        ("a &lt;b&gt; &amp; c", "a <b> & c", None),
+        ("*bold* and _it_", "bold and it", "<strong>bold</strong> and <em>it</em>"),
+        ("snake_case_name stays", "snake_case_name stays", None),
+        ("2*3*4 = 24", "2*3*4 = 24", None),
+        ("<http://x.org>", "http://x.org", '<a href="http://x.org">http://x.org</a>'),
+        ("<mailto:a@b.c|a@b.c>", "a@b.c", '<a href="mailto:a@b.c">a@b.c</a>'),
+        ("<!here> look", "@here look", None),
+        ("<!subteam^S1|@ops> hi", "@ops hi", None),
+        ("<@U999|old> hi", "@old hi", None),
+        ("<#C01GENERAL>", "#general", None),
+        ("&gt; quoted\nreply", "> quoted\nreply", "<blockquote>quoted</blockquote>reply"),
+        ("line1\n*line2*", "line1\nline2", "line1<br><strong>line2</strong>"),
+        ("`<@U02BOB>`", "@Bob Builder", "<code>@Bob Builder</code>"),
+        ("*<http://x|x>*", "x (http://x)", '<strong><a href="http://x">x</a></strong>'),
+    ],
+)
+def test_mrkdwn(text: str, body: str, html: str | None) -> None:
+    md = _Mrkdwn({"U02BOB": "Bob Builder"}, {"C01GENERAL": "general"})
+    assert md.render(text) == (body, html)
+
+
+def test_bad_day_file_is_rejected(tmp_path: Path) -> None:
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("users.json", "[]")
+        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
+        zf.writestr("c/2024-01-01.json", "[{not json")
+        zf.writestr("c/2024-01-02.json", '{"not": "a list"}')
+        zf.writestr("c/2024-01-03.json", '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]')
+        zf.writestr("../2024-01-04.json", "[]")
+    records, rejected, _ = read(archive)
+    assert [r.where for r in rejected] == ["c/2024-01-01.json", "c/2024-01-02.json"]
+    assert "invalid JSON" in rejected[0].reason
+    assert [r.content.body for r in records if isinstance(r, NetworkMessage)] == ["ok"]
+
+
+def test_damaged_or_foreign_input(export_zip: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken.zip"
+    broken.write_bytes(export_zip.read_bytes()[:300])
+    with pytest.raises(SourceError, match=r"broken\.zip"):
+        read(broken)
+    foreign = tmp_path / "foreign.zip"
+    with zipfile.ZipFile(foreign, "w") as zf:
+        zf.writestr("readme.txt", "hi")
+    with pytest.raises(SourceError, match="not a Slack export"):
+        read(foreign)
+    with pytest.raises(SourceError, match="no such file"):
+        read(tmp_path / "missing.zip")
+
+
+def test_ids_stable(export_zip: Path) -> None:
+    first = [(r.portal, r.id, r.part) for r in read(export_zip)[0] if hasattr(r, "id")]
+    again = [(r.portal, r.id, r.part) for r in read(export_zip)[0] if hasattr(r, "id")]
+    assert first == again
+    assert len(set(first)) == len(first)

@@ -1,0 +1,210 @@
+"""Telegram Desktop export parsing: both shapes, entities, replies, service, media."""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from connectors.base import Rejected, SourceError
+from connectors.sources.telegram import MAX_INLINE_BYTES, TelegramSource, entities_to_html
+from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
+
+SAMPLES = Path(__file__).parent / "samples" / "telegram"
+ALICE = Sender("user111", "Alice")
+BOB = Sender("user222", "Bob")
+
+
+def read(path: Path, **options: str) -> tuple[list, list[Rejected], TelegramSource]:
+    source = TelegramSource(path, options)
+    items = list(source.read())
+    return (
+        [i for i in items if not isinstance(i, Rejected)],
+        [i for i in items if isinstance(i, Rejected)],
+        source,
+    )
+
+
+def by_id(records: list) -> dict[tuple[str, int], NetworkMessage]:
+    return {(r.id, r.part): r for r in records if isinstance(r, NetworkMessage)}
+
+
+def test_single_chat_export() -> None:
+    records, rejected, source = read(SAMPLES / "single")
+    assert records[0] == PortalInfo("telegram", "4242", name="Book Club")
+    assert records[-1] == PortalInfo(
+        "telegram",
+        "4242",
+        name="Book Club",
+        members=(Member("user111", "Alice"), Member("user222", "Bob")),
+    )
+    msgs = by_id(records)
+    created = msgs[("1", 0)]
+    assert (created.sender, created.ts) == (ALICE, 1_704_058_800_000)
+    assert created.content == Content(kind="notice", body="Alice created the group «Book Club»")
+    hi = msgs[("2", 0)]
+    assert hi.content == Content(
+        kind="text",
+        body="Hi all! See this <3",
+        html='Hi <strong>all</strong>! See <a href="https://example.com/?a=1&amp;b=2">this</a>'
+        " &lt;3",
+    )
+    reply = msgs[("3", 0)]
+    assert (reply.sender, reply.reply_to, reply.content.body) == (BOB, "2", "plain reply")
+    assert reply.content.html is None
+    pinned = msgs[("8", 0)]
+    assert (pinned.content.kind, pinned.reply_to) == ("notice", "2")
+    assert pinned.content.body == "Bob pinned a message"
+    loc = msgs[("9", 0)].content
+    assert (loc.kind, loc.lat, loc.lon) == ("location", 52.52, 13.405)
+    # No date_unixtime: the local date is read in option tz (UTC by default).
+    assert msgs[("10", 0)].ts == 1_704_059_400_000
+    assert [r.reason for r in rejected] == [
+        "media path '../../outside.txt' points outside the export folder"
+    ]
+    assert source.stats["media"] == 1 and source.stats["media_missing"] == 1
+
+
+def test_entities_to_html() -> None:
+    records, _, _ = read(SAMPLES / "single" / "result.json")
+    content = by_id(records)[("4", 0)].content
+    assert content.body == "it del u secret x<y\nprint(1)\n@carol example.org quoted #tag"
+    assert content.html == (
+        "<em>it</em> <del>del</del> <u>u</u> <span data-mx-spoiler>secret</span> "
+        '<code>x&lt;y</code><br><pre><code class="language-python">print(1)\n</code></pre>'
+        '<a href="https://t.me/carol">@carol</a> <a href="https://example.org">example.org</a> '
+        "<blockquote>quoted</blockquote> #tag"
+    )
+    # The older "text" array form (strings mixed with entity objects).
+    assert entities_to_html(["a ", {"type": "bold", "text": "b"}, "\nc"]) == (
+        "a b\nc",
+        "a <strong>b</strong><br>c",
+    )
+    assert entities_to_html(["just text"]) == ("just text", None)
+
+
+def test_media_from_the_export_folder() -> None:
+    records, _, _ = read(SAMPLES / "single")
+    msgs = by_id(records)
+    photo = msgs[("5", 0)].content
+    assert photo == Content(
+        kind="media",
+        media_type="image",
+        body="sunset",
+        filename="photo_1@31-12-2023_21-45-00.jpg",
+        mimetype="image/jpeg",
+        size=10,
+        data=base64.b64encode(b"tiny jpeg\n").decode(),
+        width=640,
+        height=480,
+    )
+    # A file the export left out: a notice, then the caption as part 1.
+    assert msgs[("6", 0)].content == Content(
+        kind="notice",
+        body="big.mp4: File not included. Change data exporting settings to download.",
+    )
+    assert msgs[("6", 1)].content == Content(kind="text", body="the video")
+
+
+def test_too_large_and_absolute_media(tmp_path: Path) -> None:
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "big.bin").write_bytes(b"x" * (MAX_INLINE_BYTES + 1))
+    (tmp_path / "files" / "v.ogg").write_bytes(b"voice")
+    base = {"type": "message", "date_unixtime": "1704059100", "from": "A", "from_id": "user1"}
+    chat = {
+        "name": "c",
+        "id": 1,
+        "messages": [
+            {**base, "id": 1, "file": "files/big.bin", "text": ""},
+            {**base, "id": 2, "file": "/etc/passwd", "text": ""},
+            {
+                **base,
+                "id": 3,
+                "file": "files/v.ogg",
+                "media_type": "voice_message",
+                "mime_type": "audio/ogg",
+                "duration_seconds": 3,
+                "text": "",
+            },
+        ],
+    }
+    (tmp_path / "result.json").write_text(json.dumps(chat))
+    records, rejected, source = read(tmp_path)
+    msgs = by_id(records)
+    assert "too large" in msgs[("1", 0)].content.body
+    assert source.stats["media_too_large"] == 1
+    assert [r.where for r in rejected] == ["result.json:chat 1 message 2"]
+    voice = msgs[("3", 0)].content
+    assert (voice.media_type, voice.mimetype, voice.duration_ms) == ("audio", "audio/ogg", 3000)
+
+
+def test_full_export_with_chat_list() -> None:
+    records, rejected, _ = read(SAMPLES / "full")
+    assert rejected == []
+    portals = [(r.portal, r.name) for r in records if isinstance(r, PortalInfo)]
+    assert portals == [
+        ("222", "Bob"),
+        ("222", "Bob"),
+        ("111", "Saved Messages"),
+        ("111", "Saved Messages"),
+        ("333", "Old group"),
+        ("333", "Old group"),
+    ]
+    msgs = [(r.portal, r.id, r.content.body) for r in records if isinstance(r, NetworkMessage)]
+    assert msgs == [
+        ("222", "100", "hey"),
+        ("222", "101", "ho"),
+        ("111", "1", "note to self"),
+        ("333", "5", "bye"),
+    ]
+    only, _, _ = read(SAMPLES / "full", chats="333")
+    assert {r.portal for r in only} == {"333"}
+
+
+def test_timezone_option_for_local_dates() -> None:
+    records, _, _ = read(SAMPLES / "single", tz="Europe/Berlin")
+    assert by_id(records)[("10", 0)].ts == 1_704_059_400_000 - 3_600_000
+    with pytest.raises(SourceError, match="unknown time zone"):
+        read(SAMPLES / "single", tz="Nowhere/Else")
+
+
+def test_broken_inputs(tmp_path: Path) -> None:
+    with pytest.raises(SourceError, match="no such file"):
+        read(tmp_path)
+    truncated = tmp_path / "result.json"
+    text = (SAMPLES / "single" / "result.json").read_text()
+    truncated.write_text(text[: len(text) // 2])
+    with pytest.raises(SourceError, match=r"result\.json: invalid JSON"):
+        read(truncated)
+    (tmp_path / "result.json").write_text('{"about": "x", "chats": {"list": []}}')
+    with pytest.raises(SourceError, match="no chats"):
+        read(tmp_path)
+
+
+def test_bad_message_is_rejected(tmp_path: Path) -> None:
+    chat = {
+        "name": "c",
+        "id": 1,
+        "messages": [
+            {"id": "x", "type": "message"},
+            {"id": 2, "type": "message", "from_id": "user1", "text": "no date"},
+            {"id": 3, "type": "message", "date_unixtime": "1704059100", "text": "ok"},
+        ],
+    }
+    (tmp_path / "result.json").write_text(json.dumps(chat))
+    records, rejected, _ = read(tmp_path)
+    assert len(rejected) == 2
+    assert "integer id" in rejected[0].reason
+    assert "date" in rejected[1].reason
+    ok = by_id(records)[("3", 0)]
+    assert ok.sender == Sender("chat1", "c")
+
+
+def test_ids_stable_and_copy_of_export(tmp_path: Path) -> None:
+    shutil.copytree(SAMPLES / "single", tmp_path / "copy")
+    a = [(r.id, r.part) for r in read(SAMPLES / "single")[0] if isinstance(r, NetworkMessage)]
+    b = [(r.id, r.part) for r in read(tmp_path / "copy")[0] if isinstance(r, NetworkMessage)]
+    assert a == b and len(set(a)) == len(a)

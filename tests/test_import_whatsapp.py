@@ -1,0 +1,266 @@
+"""WhatsApp export parsing: layouts, dates, system lines, media and hostile archives."""
+
+from __future__ import annotations
+
+import base64
+import shutil
+import zipfile
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from connectors.base import Rejected, SourceError
+from connectors.sources.whatsapp import (
+    MAX_INLINE_BYTES,
+    SYSTEM_SENDER,
+    WhatsAppSource,
+    portal_id,
+    sender_id,
+)
+from topics.records import Content, NetworkMessage, PortalInfo, Sender
+
+SAMPLES = Path(__file__).parent / "samples" / "whatsapp"
+ALICE = Sender(sender_id("Alice"), "Alice")
+BOB = Sender(sender_id("Bob"), "Bob")
+
+
+def ms(*args: int, tz: str = "UTC") -> int:
+    return int(datetime(*args, tzinfo=ZoneInfo(tz)).timestamp() * 1000)
+
+
+def read(path: Path, **options: str) -> tuple[list, list[Rejected], WhatsAppSource]:
+    source = WhatsAppSource(path, options)
+    items = list(source.read())
+    return (
+        [i for i in items if not isinstance(i, Rejected)],
+        [i for i in items if isinstance(i, Rejected)],
+        source,
+    )
+
+
+def messages(records: list) -> list[NetworkMessage]:
+    return [r for r in records if isinstance(r, NetworkMessage)]
+
+
+def summary(records: list) -> list[tuple]:
+    return [(m.sender.name, m.ts, m.content.kind, m.content.body) for m in messages(records)]
+
+
+def zip_dir(src: Path, dest: Path, extra: dict[str, bytes] | None = None) -> Path:
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted(src.iterdir()):
+            zf.write(f, f.name)
+        for name, data in (extra or {}).items():
+            zf.writestr(name, data)
+    return dest
+
+
+def test_android_12h_month_first() -> None:
+    records, rejected, source = read(SAMPLES / "WhatsApp Chat with Alice.txt")
+    assert rejected == []
+    portal = portal_id("Alice")
+    assert records[0] == PortalInfo("whatsapp", portal, name="Alice")
+    assert summary(records) == [
+        ("Alice", ms(2023, 12, 31, 21, 41), "text", "hi"),
+        ("Bob", ms(2023, 12, 31, 21, 41) + 1, "text", "happy new year\nalmost!"),
+        ("Alice", ms(2023, 12, 31, 23, 59), "notice", "Media omitted"),
+        ("Bob", ms(2024, 1, 1, 0, 0), "text", "🎉"),
+        ("Bob", ms(2024, 1, 1, 0, 0) + 1, "text", "🎉"),
+        ("WhatsApp", ms(2024, 1, 13, 12, 30), "notice", "Alice added +49 151 2345678"),
+        ("+49 151 2345678", ms(2024, 1, 13, 12, 31), "text", "thanks"),
+        (
+            "Alice",
+            ms(2024, 1, 13, 12, 33),
+            "location",
+            "location: https://maps.google.com/?q=52.52,13.405",
+        ),
+    ]
+    msgs = messages(records)
+    # Identical repeats in one minute still get distinct ids.
+    assert msgs[3].id != msgs[4].id
+    assert msgs[5].sender == SYSTEM_SENDER
+    assert msgs[6].sender.id == "+491512345678"
+    assert (msgs[7].content.lat, msgs[7].content.lon) == (52.52, 13.405)
+    final = records[-1]
+    assert isinstance(final, PortalInfo) and final.portal == portal
+    assert [m.name for m in final.members] == ["Alice", "Bob", "+49 151 2345678"]
+    # The encryption banner and the deleted message are skipped.
+    assert source.stats["skipped"] == 2
+
+
+def test_android_24h_day_first_with_timezone_and_multiline() -> None:
+    records, rejected, source = read(
+        SAMPLES / "WhatsApp Chat with Family.txt", tz="Europe/Berlin", portal="family"
+    )
+    assert rejected == []
+    berlin = "Europe/Berlin"
+    assert summary(records) == [
+        ("WhatsApp", ms(2023, 12, 31, 21, 41, tz=berlin), "notice", 'Alice created group "Family"'),
+        (
+            "Alice",
+            ms(2023, 12, 31, 21, 41, tz=berlin) + 1,
+            "text",
+            "Line one\nline two\n\nline four",
+        ),
+        (
+            "Bob",
+            ms(2023, 12, 31, 21, 42, tz=berlin),
+            "notice",
+            "IMG-20231231-WA0001.jpg (file not included in the export)",
+        ),
+        ("Carol", ms(2024, 1, 1, 0, 0, tz=berlin), "text", "happy new year"),
+    ]
+    assert ms(2023, 12, 31, 21, 41, tz=berlin) == ms(2023, 12, 31, 20, 41)
+    assert {m.portal for m in messages(records)} == {"family"}
+    assert source.stats["media_missing"] == 1
+
+
+def test_ios_marks_and_narrow_spaces() -> None:
+    records, rejected, _ = read(SAMPLES / "WhatsApp Chat - Book Club.txt")
+    assert rejected == []
+    assert records[0].name == "Book Club"
+    assert summary(records) == [
+        ("WhatsApp", ms(2023, 12, 31, 21, 41, 5), "notice", "Alice created group “Book Club”"),
+        ("Alice", ms(2023, 12, 31, 21, 41, 7), "text", "Welcome!"),
+        ("Bob", ms(2023, 12, 31, 21, 42), "notice", "image omitted"),
+        ("Alice", ms(2024, 1, 13, 0, 0), "text", "midnight"),
+    ]
+
+
+def test_ambiguous_dates_default_day_first_and_option() -> None:
+    records, _, _ = read(SAMPLES / "ambiguous.txt")
+    assert [m.ts for m in messages(records)] == [ms(2024, 2, 1, 10), ms(2024, 4, 3, 10)]
+    records, _, _ = read(SAMPLES / "ambiguous.txt", date_order="mdy")
+    assert [m.ts for m in messages(records)] == [ms(2024, 1, 2, 10), ms(2024, 3, 4, 10)]
+
+
+def test_conflicting_dates_name_the_file() -> None:
+    with pytest.raises(SourceError, match=r"conflicting\.txt: conflicting dates"):
+        read(SAMPLES / "conflicting.txt")
+    # An explicit order wins; the line that cannot be a date is rejected.
+    records, rejected, _ = read(SAMPLES / "conflicting.txt", date_order="dmy")
+    assert [m.content.body for m in messages(records)] == ["day first"]
+    assert [r.where for r in rejected] == ["conflicting.txt:2"]
+
+
+def test_unknown_layout_names_file_and_line() -> None:
+    with pytest.raises(SourceError, match=r"not_an_export\.txt:1: unknown date layout"):
+        read(SAMPLES / "not_an_export.txt")
+
+
+def test_bad_options() -> None:
+    with pytest.raises(SourceError, match="unknown time zone"):
+        read(SAMPLES / "ambiguous.txt", tz="Mars/Olympus")
+    with pytest.raises(SourceError, match="date_order"):
+        read(SAMPLES / "ambiguous.txt", date_order="ymd")
+    with pytest.raises(SourceError, match="no such file"):
+        read(SAMPLES / "missing.txt")
+
+
+def test_invalid_utf8_line_is_rejected_and_parsing_continues(tmp_path: Path) -> None:
+    path = tmp_path / "chat.txt"
+    path.write_bytes(
+        b"01/02/2024, 10:00 - Alice: fine\n"
+        b"01/02/2024, 10:01 - Bob: bad \xff\xfe bytes\n"
+        b"01/02/2024, 10:02 - Alice: still fine\n"
+    )
+    records, rejected, _ = read(path)
+    assert [m.content.body for m in messages(records)] == ["fine", "still fine"]
+    assert len(rejected) == 1
+    assert rejected[0].where == "chat.txt:2"
+    assert rejected[0].reason == "invalid UTF-8"
+    assert "bad" in rejected[0].original
+
+
+def test_ids_stable_across_reads_and_overlapping_exports(tmp_path: Path) -> None:
+    full = SAMPLES / "WhatsApp Chat with Alice.txt"
+    first = [m.id for m in messages(read(full)[0])]
+    assert first == [m.id for m in messages(read(full)[0])]
+    # A later export of the same chat that starts further in repeats the same ids.
+    later = tmp_path / "WhatsApp Chat with Alice.txt"
+    lines = full.read_text(encoding="utf-8").splitlines(keepends=True)
+    later.write_text("".join(lines[5:]) + "1/14/24, 9:00 AM - Bob: new\n", encoding="utf-8")
+    again = [m.id for m in messages(read(later)[0])]
+    assert again[:-1] == first[3:]
+    assert again[-1] not in first
+
+
+def test_zip_with_attached_media(tmp_path: Path) -> None:
+    big = b"x" * (MAX_INLINE_BYTES + 1)
+    archive = zip_dir(
+        SAMPLES / "zip_media",
+        tmp_path / "WhatsApp Chat - Trip.zip",
+        {"00000014-PHOTO-2023-12-31-21-45-00.jpg": big},
+    )
+    records, rejected, source = read(archive)
+    assert rejected == []
+    assert records[0] == PortalInfo("whatsapp", portal_id("Trip"), name="Trip")
+    msgs = messages(records)
+    assert [m.content.kind for m in msgs] == ["text", "media", "media", "notice"]
+    photo, audio, too_big = msgs[1].content, msgs[2].content, msgs[3].content
+    assert photo == Content(
+        kind="media",
+        media_type="image",
+        body="00000012-PHOTO-2023-12-31-21-43-00.jpg",
+        filename="00000012-PHOTO-2023-12-31-21-43-00.jpg",
+        mimetype="image/jpeg",
+        size=18,
+        data=base64.b64encode(b"not really a jpeg\n").decode(),
+    )
+    assert (audio.media_type, audio.mimetype) == ("audio", "audio/ogg")
+    assert "too large" in too_big.body
+    assert msgs[1].ts == ms(2023, 12, 31, 21, 43)
+    assert source.stats["media"] == 2
+    assert source.stats["media_too_large"] == 1
+
+
+def test_txt_alone_finds_media_beside_it(tmp_path: Path) -> None:
+    folder = tmp_path / "export"
+    shutil.copytree(SAMPLES / "zip_media", folder)
+    records, _, source = read(folder / "_chat.txt")
+    assert [m.content.kind for m in messages(records)] == ["text", "media", "media", "notice"]
+    assert source.stats["media_missing"] == 1
+
+
+def test_hostile_zip_entries_are_refused_and_never_extracted(tmp_path: Path) -> None:
+    archive = tmp_path / "WhatsApp Chat with Eve.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(
+            "_chat.txt",
+            "01/02/2024, 10:00 - Eve: <attached: ../evil.txt>\n"
+            "01/02/2024, 10:01 - Eve: /etc/passwd.txt (file attached)\n",
+        )
+        zf.writestr("../evil.txt", "pwned")
+        zf.writestr("/abs.txt", "pwned")
+    records, rejected, _ = read(archive)
+    assert sorted(r.original for r in rejected) == ["../evil.txt", "/abs.txt"]
+    assert all("unsafe path" in r.reason for r in rejected)
+    assert [m.content.kind for m in messages(records)] == ["notice", "notice"]
+    assert not (tmp_path.parent / "evil.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [archive.name]
+
+
+def test_truncated_zip_is_a_source_error(tmp_path: Path) -> None:
+    good = zip_dir(SAMPLES / "zip_media", tmp_path / "good.zip")
+    broken = tmp_path / "WhatsApp Chat with Bob.zip"
+    broken.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(SourceError, match=r"WhatsApp Chat with Bob\.zip"):
+        read(broken)
+
+
+def test_zip_without_chat_text(tmp_path: Path) -> None:
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.jpg", b"1")
+    with pytest.raises(SourceError, match="expected one chat text file"):
+        read(archive)
+
+
+def test_timestamps_are_utc_ms() -> None:
+    records, _, _ = read(SAMPLES / "ambiguous.txt", tz="America/New_York")
+    first = messages(records)[0]
+    assert first.ts == int(datetime(2024, 2, 1, 15, tzinfo=UTC).timestamp() * 1000)
+    assert first.sender == ALICE
+    assert messages(records)[1].sender == BOB
