@@ -1,0 +1,216 @@
+"""Benchmark: backflow's sink vs the homeserver's ingest limit vs a sequential bridge.
+
+One run starts its own Synapse (rate limits off for the appservice), the
+embedded mock Kafka broker and a database, then backfills PORTALS x MESSAGES
+three ways into fresh rooms and prints events/s and ratios:
+
+* unordered: CONCURRENCY requests in flight, no order, no bookkeeping: what the
+  homeserver itself can ingest (upper bound);
+* sink: backflow's sink consuming commands from Kafka (ordered per room,
+  durable map, intents, settle-on-retry), ``--rooms-in-flight`` rooms at once;
+* sequential: one PUT at a time, like today's bridges backfilling a portal
+  (measured on a sample of ``--sequential-sample`` messages).
+
+Room creation and ghost joins are done before timing for all three; the sink
+is timed from its first consumed message command to its last send.
+
+    .venv/bin/python bench/bench_sink.py [--portals 50] [--messages 200]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from backflow import bus  # noqa: E402
+from backflow.settings import load  # noqa: E402
+from backflow.stack.kafka import EmbeddedKafka  # noqa: E402
+from backflow.stack.postgres import create_database, resolve_admin_url  # noqa: E402
+from backflow.stack.synapse import Synapse, default_appservice  # noqa: E402
+from connectors.matrix.client import MatrixClient  # noqa: E402
+from connectors.matrix.ghosts import ghost_localpart  # noqa: E402
+from connectors.matrix.sink import run_sink  # noqa: E402
+from topics.provision import provision  # noqa: E402
+from topics.records import Content, CreateRoom, Member, NetworkMessage, Sender, SendMessage  # noqa: E402
+
+BASE_TS = 1_600_000_000_000
+SENDERS = 3
+
+
+def messages(network: str, portal: str, n: int) -> list[NetworkMessage]:
+    return [
+        NetworkMessage(
+            network=network,
+            portal=portal,
+            id=f"m{i}",
+            sender=Sender(id=f"user{i % SENDERS}", name=f"User {i % SENDERS}"),
+            ts=BASE_TS + i * 1000,
+            content=Content(kind="text", body=f"{portal} message {i}"),
+        )
+        for i in range(n)
+    ]
+
+
+async def make_rooms(
+    client: MatrixClient, prefix: str, label: str, portals: int
+) -> list[tuple[str, list[str]]]:
+    """Rooms with SENDERS joined ghosts each (setup, not timed)."""
+    ghosts = []
+    for s in range(SENDERS):
+        local = ghost_localpart(prefix, label, f"user{s}", client.server_name)
+        await client.register(local)
+        ghosts.append(f"@{local}:{client.server_name}")
+    sem = asyncio.Semaphore(8)
+
+    async def one(p: int) -> tuple[str, list[str]]:
+        async with sem:
+            room, _ = await client.create_room(
+                f"{prefix}{label}_{uuid.uuid4().hex[:8]}_{p}", invite=ghosts
+            )
+            for g in ghosts:
+                await client.join(room, g)
+            return room, ghosts
+
+    return await asyncio.gather(*(one(p) for p in range(portals)))
+
+
+async def unordered(client: MatrixClient, rooms: list, n: int, concurrency: int) -> float:
+    jobs = [(room, ghosts, i) for room, ghosts in rooms for i in range(n)]
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+
+    async def worker() -> None:
+        while not queue.empty():
+            room, ghosts, i = queue.get_nowait()
+            await client.send(
+                room,
+                "m.room.message",
+                {"msgtype": "m.text", "body": f"u{i}"},
+                uuid.uuid4().hex,
+                as_user=ghosts[i % SENDERS],
+                ts=BASE_TS + i * 1000,
+            )
+
+    started = time.monotonic()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return len(jobs) / (time.monotonic() - started)
+
+
+async def sequential(client: MatrixClient, rooms: list, sample: int) -> float:
+    jobs = []
+    per_room = max(1, sample // len(rooms))
+    for room, ghosts in rooms:
+        jobs += [(room, ghosts, i) for i in range(per_room)]
+    started = time.monotonic()
+    for room, ghosts, i in jobs[:sample]:
+        await client.send(
+            room,
+            "m.room.message",
+            {"msgtype": "m.text", "body": f"s{i}"},
+            uuid.uuid4().hex,
+            as_user=ghosts[i % SENDERS],
+            ts=BASE_TS + i * 1000,
+        )
+    return min(sample, len(jobs)) / (time.monotonic() - started)
+
+
+async def sink_run(settings, portals: int, n: int) -> tuple[float, int]:
+    network = "bench"
+    names = [f"p{uuid.uuid4().hex[:8]}" for _ in range(portals)]
+    members = tuple(Member(id=f"user{s}", name=f"User {s}") for s in range(SENDERS))
+    producer = bus.producer(settings)
+    await bus.start(producer, settings)
+    try:
+        # Rooms first (untimed, like the others), then the messages.
+        await bus.send_all(
+            producer,
+            settings.catalog.matrix_commands,
+            [CreateRoom(network=network, portal=p, members=members) for p in names],
+        )
+        await run_sink(settings, idle_exit=1.0)
+        records = []
+        for p in names:
+            records += [
+                SendMessage(message=m, seq=i + 2) for i, m in enumerate(messages(network, p, n))
+            ]
+        await bus.send_all(producer, settings.catalog.matrix_commands, records)
+    finally:
+        await producer.stop()
+    stats = await run_sink(settings, idle_exit=1.0)
+    assert stats.first_command is not None and stats.last_sent is not None
+    return stats.sent / (stats.last_sent - stats.first_command), stats.sent
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--portals", type=int, default=50)
+    parser.add_argument("--messages", type=int, default=200)
+    parser.add_argument("--concurrency", type=int, default=16, help="unordered sender")
+    parser.add_argument("--rooms-in-flight", type=int, default=16, help="sink")
+    parser.add_argument("--sequential-sample", type=int, default=1000)
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="bench-sink-"))
+    appservice = default_appservice()
+    synapse = Synapse(work / "synapse", appservices=[appservice])
+    kafka = EmbeddedKafka()
+    print(f"starting Synapse, broker and database in {work} ...", flush=True)
+    synapse.start()
+    admin, embedded_pg = await resolve_admin_url(None, work)
+    try:
+        db_url = await create_database(admin, f"bench_{uuid.uuid4().hex[:8]}")
+        registration = work / "registration.yaml"
+        import yaml
+
+        registration.write_text(yaml.safe_dump(appservice.registration()))
+        settings = load(env={}).with_overrides(
+            {
+                "kafka.bootstrap": kafka.bootstrap,
+                "kafka.topic_prefix": f"bench{uuid.uuid4().hex[:6]}",
+                "kafka.partitions": 8,
+                "database.url": db_url,
+                "homeserver.url": synapse.url,
+                "homeserver.server_name": synapse.server_name,
+                "appservice.registration": str(registration),
+                "sink.max_rooms_in_flight": args.rooms_in_flight,
+                "state_dir": str(work / "state"),
+            }
+        )
+        await provision(settings.catalog, bootstrap=kafka.bootstrap, embedded=kafka)
+        total = args.portals * args.messages
+        async with MatrixClient(
+            synapse.url, appservice.as_token, synapse.server_name, appservice.sender_localpart
+        ) as client:
+            rooms_u = await make_rooms(client, appservice.user_prefix, "u", args.portals)
+            print(f"unordered: {total} events, {args.concurrency} in flight ...", flush=True)
+            u_rate = await unordered(client, rooms_u, args.messages, args.concurrency)
+            print(f"sink: {total} events, {args.rooms_in_flight} rooms in flight ...", flush=True)
+            s_rate, sent = await sink_run(settings, args.portals, args.messages)
+            assert sent == total, f"sink sent {sent} of {total}"
+            rooms_s = await make_rooms(client, appservice.user_prefix, "s", args.portals)
+            print(f"sequential: {args.sequential_sample} events ...", flush=True)
+            q_rate = await sequential(client, rooms_s, args.sequential_sample)
+        print()
+        print(f"backfill {args.portals} portals x {args.messages} messages into Synapse")
+        print(f"  unordered concurrent sender : {u_rate:8.1f} events/s (homeserver ingest limit)")
+        print(f"  backflow sink               : {s_rate:8.1f} events/s")
+        print(f"  sequential sender           : {q_rate:8.1f} events/s (today's bridges)")
+        print(f"  sink / unordered            : {s_rate / u_rate:8.0%}  (target >= 80%)")
+        print(f"  sink / sequential           : {s_rate / q_rate:8.1f}x")
+    finally:
+        synapse.stop()
+        kafka.close()
+        if embedded_pg is not None:
+            embedded_pg.stop()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
