@@ -216,6 +216,36 @@ def ingest(ctx: click.Context, listen: str | None) -> None:
     asyncio.run(serve(settings))
 
 
+@cli.command()
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the pipeline worker and the sink together until stopped."""
+    from backflow.processes import run_together
+
+    sys.exit(run_together())
+
+
+@cli.command()
+@click.pass_context
+def demo(ctx: click.Context) -> None:
+    """Backfill three sample chats on the embedded stack and show the rooms."""
+    from backflow.demo import run_demo
+
+    run_demo(ctx.find_root().params.get("config"))
+
+
+def _register_stage_commands() -> None:
+    # Each stage owns its commands; the group only lists them.
+    from connectors.matrix.commands import show_command, sink_command
+    from pipeline.commands import status, worker
+
+    for command in (worker, status, sink_command, show_command):
+        cli.add_command(command)
+
+
+_register_stage_commands()
+
+
 def main() -> None:
     try:
         cli(standalone_mode=False)
