@@ -56,3 +56,68 @@ async def read_topic(
         return out
     finally:
         await consumer.stop()
+
+
+def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
+    """Environment for a `backflow` child process that reads these settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFLOW_")}
+    values = {
+        "BACKFLOW_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
+        "BACKFLOW_KAFKA_TOPIC_PREFIX": settings.kafka.topic_prefix,
+        "BACKFLOW_KAFKA_PARTITIONS": str(settings.kafka.partitions),
+        "BACKFLOW_DATABASE_URL": settings.database.url,
+        "BACKFLOW_HOMESERVER_URL": settings.homeserver.url,
+        "BACKFLOW_HOMESERVER_SERVER_NAME": settings.homeserver.server_name,
+        "BACKFLOW_APPSERVICE_REGISTRATION": settings.appservice.registration,
+        "BACKFLOW_STATE_DIR": str(settings.state_dir),
+        "BACKFLOW_BACKFILL_MAX_INITIAL_MESSAGES": str(settings.backfill.max_initial_messages),
+        "BACKFLOW_BACKFILL_MAX_CATCHUP_MESSAGES": str(settings.backfill.max_catchup_messages),
+        "BACKFLOW_BACKFILL_MAX_INITIAL_CONVERSATIONS": str(
+            settings.backfill.max_initial_conversations
+        ),
+    }
+    env.update({k: v for k, v in values.items() if v is not None})
+    env.update(extra)
+    return env
+
+
+async def portal_timeline(
+    settings: Settings, network: str, portal: str, types: tuple[str, ...] = ("m.room.message",)
+) -> list[dict] | None:
+    """A portal room's events straight from Synapse's client API, oldest first.
+
+    Reads with the appservice token (as the bot, which is in every portal
+    room); None while the portal's alias does not resolve yet.
+    """
+    import urllib.parse
+
+    import aiohttp
+    import yaml
+
+    from connectors.matrix.ghosts import room_alias
+
+    registration = yaml.safe_load(open(settings.appservice.registration))
+    token = registration["as_token"]
+    prefix = registration["namespaces"]["aliases"][0]["regex"].lstrip("#").split(".*")[0]
+    alias = room_alias(prefix, network, portal, settings.homeserver.server_name)
+    headers = {"Authorization": f"Bearer {token}"}
+    base = f"{settings.homeserver.url}/_matrix/client/v3"
+    async with aiohttp.ClientSession(headers=headers) as http:
+        async with http.get(f"{base}/directory/room/{urllib.parse.quote(alias)}") as resp:
+            if resp.status == 404:
+                return None
+            assert resp.status == 200, await resp.text()
+            room_id = (await resp.json())["room_id"]
+        events: list[dict] = []
+        params = {"dir": "f", "limit": "500"}
+        while True:
+            url = f"{base}/rooms/{urllib.parse.quote(room_id)}/messages"
+            async with http.get(url, params=params) as resp:
+                assert resp.status == 200, await resp.text()
+                page = await resp.json()
+            events += [e for e in page.get("chunk", []) if e["type"] in types]
+            if not page.get("end") or not page.get("chunk"):
+                return events
+            params["from"] = page["end"]
