@@ -1,0 +1,34 @@
+"""Run one pipeline worker: ``python -m pipeline.worker`` (settings from the environment).
+
+``backflow worker`` does the same from the CLI. Tests and the benchmark start
+workers as subprocesses: faust apps are not meant to run several per process.
+
+Test knob: ``BACKFLOW_PIPELINE_FLUSH_CHUNK`` (commands produced per outbox round).
+"""
+
+from __future__ import annotations
+
+import os
+
+from backflow import settings as settings_mod
+from backflow.settings import Settings
+
+
+def run_worker(settings: Settings, loglevel: str = "info") -> None:
+    """Run the faust worker until stopped (SIGTERM/SIGINT); does not return normally."""
+    import faust
+
+    from pipeline.app import make_app
+
+    chunk = int(os.environ.get("BACKFLOW_PIPELINE_FLUSH_CHUNK", "5000"))
+    app = make_app(settings, flush_chunk=chunk)
+    worker = faust.Worker(app, loglevel=loglevel, quiet=True)
+    worker.execute_from_commandline()
+
+
+def main() -> None:
+    run_worker(settings_mod.load(), os.environ.get("BACKFLOW_PIPELINE_LOGLEVEL", "info"))
+
+
+if __name__ == "__main__":
+    main()
