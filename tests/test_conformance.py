@@ -68,7 +68,7 @@ def test_whatsapp_zip(media_zip: Path) -> None:
 
 def test_slack_sample() -> None:
     report = check_source(
-        lambda: SlackSource(SAMPLES / "slack"), {"text", "notice", "emote", "media", "reaction"}
+        lambda: SlackSource(SAMPLES / "slack"), {"text", "notice", "emote", "reaction"}
     )
     assert len(report.rejected) == 1  # the message without ts, on purpose
 

@@ -98,16 +98,11 @@ def test_messages_exact(export_zip: Path) -> None:
         "Reply in thread<br><pre><code>x = 1 &lt; 2\ny = *not bold*</code></pre>"
     )
     assert msgs[("1700000300.000300", 0)].content == Content(kind="text", body="see attached")
+    # Exports hold no file bytes and the URL needs a Slack token: a link survives.
     assert msgs[("1700000300.000300", 1)].content == Content(
-        kind="media",
-        media_type="image",
-        body="A cat",
-        filename="cat.png",
-        mimetype="image/png",
-        size=1234,
-        url="https://files.slack.com/files-pri/T0-F01/cat.png",
-        width=640,
-        height=480,
+        kind="text",
+        body="📎 A cat: https://files.slack.com/files-pri/T0-F01/cat.png",
+        html='📎 <a href="https://files.slack.com/files-pri/T0-F01/cat.png">A cat</a>',
     )
     assert ("1700000300.000300", 2) not in msgs  # the tombstoned file
     bot = msgs[("1700000400.000400", 0)]
@@ -116,10 +111,10 @@ def test_messages_exact(export_zip: Path) -> None:
     assert ("1700000500.000500", 0) not in msgs  # tombstone message skipped
     assert msgs[("1700050000.000000", 0)].content == Content(kind="emote", body="waves 👋")
     pdf = msgs[("1700050001.000000", 0)].content
-    assert (pdf.kind, pdf.media_type, pdf.filename) == ("media", "file", "report.pdf")
+    assert pdf.kind == "text" and "report.pdf" in pdf.body
     assert msgs[("1700001000.000000", 0)].portal == "D0ABDM"
     assert [r.where for r in rejected] == ["general/2023-11-14.json[6]"]
-    assert source.stats == {"messages": 8, "reactions": 3, "media": 2, "skipped": 1}
+    assert source.stats == {"messages": 8, "reactions": 3, "files_linked": 2, "skipped": 1}
 
 
 def test_reactions_are_separate_records(export_zip: Path) -> None:

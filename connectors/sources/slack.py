@@ -18,8 +18,9 @@ Mapping:
   edit record would repeat it with nothing to replace).
 - joins, leaves, topic/purpose/name changes, pins: ``notice``; ``me_message``:
   ``emote``; deleted messages and tombstones: skipped.
-- files: ``media`` with ``url`` = ``url_private`` (downloading it needs a Slack
-  token; the sink decides); files without a URL become a notice.
+- files: a ``text`` message linking to ``url_private``: exports carry no file
+  bytes, and fetching the URL needs a Slack token that neither the export nor
+  the sink has, so a link is what survives; files without a URL: a notice.
 """
 
 from __future__ import annotations
@@ -358,7 +359,7 @@ class SlackSource(Source):
 
     def _read(self, export: _Export) -> Iterator[Item]:
         stats = self.stats
-        for key in ("messages", "reactions", "media", "skipped"):
+        for key in ("messages", "reactions", "files_linked", "skipped"):
             stats.setdefault(key, 0)
         names_option = self.options.get("names", "display")
         if names_option not in ("display", "real"):
@@ -532,19 +533,10 @@ class SlackSource(Source):
         url = file.get("url_private") or file.get("permalink")
         if not isinstance(url, str) or not url:
             return Content(kind="notice", body=f"{name} (file not available in the export)")
-        self.stats["media"] += 1
-        mimetype = file.get("mimetype") or None
-        major = (mimetype or "").split("/", 1)[0]
-        size = file.get("size")
-        width, height = file.get("original_w"), file.get("original_h")
+        self.stats["files_linked"] += 1
+        title = file.get("title") or name
         return Content(
-            kind="media",
-            media_type=major if major in ("image", "video", "audio") else "file",
-            body=file.get("title") or name,
-            filename=name,
-            mimetype=mimetype,
-            size=size if isinstance(size, int) and size >= 0 else None,
-            url=url,
-            width=width if isinstance(width, int) else None,
-            height=height if isinstance(height, int) else None,
+            kind="text",
+            body=f"📎 {title}: {url}",
+            html=f'📎 <a href="{html.escape(url)}">{html.escape(title)}</a>',
         )

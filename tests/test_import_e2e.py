@@ -1,0 +1,123 @@
+"""Each importer end to end: export file -> `backflow import` -> pipeline -> sink -> Synapse.
+
+One worker and one sink serve the whole module (a faust worker joining a group
+waits a session timeout on the mock broker); each test imports one format and
+reads its rooms back from Synapse: the right messages, in timestamp order,
+from the right ghosts, with origin_server_ts equal to the source timestamps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from connectors.base import available
+from connectors.matrix.ghosts import ghost_user_id
+from tests.conftest import make_settings
+from tests.helpers import portal_timeline, stage_env
+from topics.records import NetworkMessage
+
+SAMPLES = Path(__file__).parent / "samples"
+SHOWN_KINDS = ("text", "notice", "emote", "media", "location")
+
+
+@pytest.fixture(scope="module")
+async def running(kafka, pg_admin, synapse, appservices, tmp_path_factory):
+    """Settings plus a pipeline worker and a sink running against them."""
+    from backflow.stack.postgres import drop_database
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    settings, db = await make_settings(kafka, pg_admin, synapse, appservices["free"], tmp)
+    env = stage_env(settings)
+    children = [
+        subprocess.Popen(
+            [sys.executable, "-m", "backflow.cli", stage],
+            env=env,
+            stdout=open(tmp / f"{stage}.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        for stage in ("worker", "sink")
+    ]
+    yield settings, children
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait(30)
+    await drop_database(pg_admin, db)
+
+
+def expected_rooms(fmt: str, path: Path) -> dict[str, list[NetworkMessage]]:
+    """What the importer yields, per portal, in the order the room must show it."""
+    source = available()[fmt](path)
+    per_portal: dict[str, list[tuple[int, int, NetworkMessage]]] = defaultdict(list)
+    for n, record in enumerate(source.read()):
+        if isinstance(record, NetworkMessage) and record.content.kind in SHOWN_KINDS:
+            per_portal[record.portal].append((record.ts, n, record))
+    return {p: [m for _, _, m in sorted(items)] for p, items in per_portal.items()}
+
+
+async def import_and_check(settings, children, fmt: str, path: Path) -> None:
+    env = stage_env(settings)
+    result = subprocess.run(
+        [sys.executable, "-m", "backflow.cli", "import", fmt, str(path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = expected_rooms(fmt, path)
+    assert expected, f"{fmt}: the sample yields no messages"
+    registration = yaml.safe_load(open(settings.appservice.registration))
+    user_prefix = registration["namespaces"]["users"][0]["regex"].lstrip("@").split(".*")[0]
+    server = settings.homeserver.server_name
+    network = next(iter(expected.values()))[0].network
+
+    got: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for portal in expected:
+            got[portal] = await portal_timeline(settings, network, portal) or []
+        if all(len(got[p]) >= len(ms) for p, ms in expected.items()):
+            break
+        assert all(c.poll() is None for c in children), "worker or sink exited"
+        await asyncio.sleep(1)
+    for portal, messages in expected.items():
+        events = got[portal]
+        assert [e["origin_server_ts"] for e in events] == [m.ts for m in messages], portal
+        assert [e["sender"] for e in events] == [
+            ghost_user_id(user_prefix, network, m.sender.id, server) for m in messages
+        ], portal
+        for event, message in zip(events, messages, strict=True):
+            source = event["content"].get("fi.backflow.source", {})
+            assert source.get("id") == message.id, (portal, event)
+            if message.content.kind in ("text", "notice", "emote"):
+                assert event["content"]["body"] == message.content.body
+                msgtype = "m." + message.content.kind
+                assert event["content"]["msgtype"] == msgtype
+
+
+async def test_whatsapp_export_lands_in_order(running):
+    settings, children = running
+    await import_and_check(
+        settings, children, "whatsapp", SAMPLES / "whatsapp" / "WhatsApp Chat with Family.txt"
+    )
+
+
+async def test_slack_export_lands_in_order(running):
+    settings, children = running
+    await import_and_check(settings, children, "slack", SAMPLES / "slack")
+
+
+async def test_telegram_export_lands_in_order(running):
+    settings, children = running
+    await import_and_check(
+        settings, children, "telegram", SAMPLES / "telegram" / "single" / "result.json"
+    )
