@@ -1,0 +1,130 @@
+"""Ghost and alias ids: network ids -> Matrix localparts, reversibly.
+
+Scheme (documented in docs/sink.md):
+
+    ghost localpart = {user_prefix}{net}_{escape(sender id)}
+    alias localpart = {alias_prefix}{net}_{escape(portal id)}
+
+``escape`` is the spec's "mapping from other character sets" (Matrix spec,
+appendices, "Mapping from other character sets"): UTF-8 encode, then
+
+* ``a-z 0-9 . - /`` stay as they are,
+* ``A-Z`` become ``_`` + the lowercase letter,
+* ``_`` becomes ``__``,
+* every other byte (including ``=``) becomes ``=`` + two lowercase hex digits.
+
+``net`` is the network name (already ``[a-z0-9_.-]``) with ``_`` written as
+``=5f``, so the first single ``_`` after the prefix always separates network
+and id and the mapping can be reversed (``parse_ghost``).
+
+Matrix ids are at most 255 characters. An escaped id that would not fit is
+cut and suffixed with ``=~`` + 16 hex digits of its SHA-256: still unique and
+stable, but no longer reversible (``parse_ghost`` returns None for the id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_MXID = 255
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789.-/")
+_HASH_MARK = "=~"
+
+
+def escape(value: str) -> str:
+    """Escape any string into the Matrix user-id alphabet (reversible)."""
+    out: list[str] = []
+    for byte in value.encode("utf-8"):
+        if byte in _PLAIN:
+            out.append(chr(byte))
+        elif 65 <= byte <= 90:  # A-Z
+            out.append("_" + chr(byte + 32))
+        elif byte == 95:  # _
+            out.append("__")
+        else:
+            out.append(f"={byte:02x}")
+    return "".join(out)
+
+
+def unescape(value: str) -> str:
+    """Inverse of ``escape``; raises ValueError on text ``escape`` cannot produce."""
+    out = bytearray()
+    i = 0
+    while i < len(value):
+        ch = value[i]
+        if ch == "_":
+            nxt = value[i + 1 : i + 2]
+            if nxt == "_":
+                out.append(95)
+            elif nxt and "a" <= nxt <= "z":
+                out.append(ord(nxt) - 32)
+            else:
+                raise ValueError(f"bad escape at {i} in {value!r}")
+            i += 2
+        elif ch == "=":
+            try:
+                out.append(int(value[i + 1 : i + 3], 16))
+            except ValueError:
+                raise ValueError(f"bad escape at {i} in {value!r}") from None
+            i += 3
+        elif ord(ch) < 128 and ord(ch) in _PLAIN:
+            out.append(ord(ch))
+            i += 1
+        else:
+            raise ValueError(f"character {ch!r} cannot occur in an escaped id")
+    return out.decode("utf-8")
+
+
+def _network(network: str) -> str:
+    return escape(network).replace("__", "=5f")
+
+
+def _fit(prefix: str, escaped: str, room: int) -> str:
+    """Cut ``escaped`` to ``room`` characters, keeping it unique with a hash suffix."""
+    if len(prefix) + len(escaped) <= room:
+        return prefix + escaped
+    digest = hashlib.sha256(escaped.encode()).hexdigest()[:16]
+    keep = max(0, room - len(prefix) - len(_HASH_MARK) - len(digest))
+    cut = escaped[:keep]
+    # Never cut an escape sequence in half.
+    while cut and (cut[-1] in "=_" or (len(cut) > 1 and cut[-2] == "=")):
+        cut = cut[:-1]
+    return f"{prefix}{cut}{_HASH_MARK}{digest}"
+
+
+def ghost_localpart(user_prefix: str, network: str, sender_id: str, server_name: str) -> str:
+    """The localpart of the ghost for ``sender_id`` on ``network``."""
+    room = MAX_MXID - len(server_name) - 2  # "@" and ":"
+    return _fit(f"{user_prefix}{_network(network)}_", escape(sender_id), room)
+
+
+def ghost_user_id(user_prefix: str, network: str, sender_id: str, server_name: str) -> str:
+    return f"@{ghost_localpart(user_prefix, network, sender_id, server_name)}:{server_name}"
+
+
+def alias_localpart(alias_prefix: str, network: str, portal_id: str, server_name: str) -> str:
+    """The localpart of the portal room alias (the room's idempotency key)."""
+    room = MAX_MXID - len(server_name) - 2
+    return _fit(f"{alias_prefix}{_network(network)}_", escape(portal_id), room)
+
+
+def room_alias(alias_prefix: str, network: str, portal_id: str, server_name: str) -> str:
+    return f"#{alias_localpart(alias_prefix, network, portal_id, server_name)}:{server_name}"
+
+
+def parse_ghost(user_prefix: str, user_id: str) -> tuple[str, str | None] | None:
+    """(network, sender id) of a ghost user id; sender id None when hashed; None if not ours."""
+    localpart = user_id.removeprefix("@").split(":", 1)[0]
+    if not localpart.startswith(user_prefix):
+        return None
+    rest = localpart[len(user_prefix) :]
+    net, sep, escaped = rest.partition("_")
+    if not sep:
+        return None
+    try:
+        network = unescape(net.replace("=5f", "__"))
+        if _HASH_MARK in escaped:
+            return network, None
+        return network, unescape(escaped)
+    except ValueError:
+        return None

@@ -1,0 +1,47 @@
+"""Run the sink as its own process: ``python -m connectors.matrix.sink_main``.
+
+Settings come from ``backflow.settings.load()`` (BACKFLOW_* environment,
+config file, stack.env). Used by the crash tests (SIGKILL at random points)
+and handy for deployments that run the sink apart from the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from backflow.settings import SettingsError, load
+from connectors.matrix.sink import SinkError, run_sink
+
+
+async def _main(idle_exit: float | None) -> int:
+    settings = load()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stats = await run_sink(settings, stop=stop, idle_exit=idle_exit)
+    print(f"sink: {stats.summary()}", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m connectors.matrix.sink_main")
+    parser.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
+    parser.add_argument("--log-level", default="INFO")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    try:
+        return asyncio.run(_main(args.idle_exit))
+    except (SinkError, SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
