@@ -57,7 +57,6 @@ class BackfillSettings:
     max_initial_messages: int = -1  # mautrix default 50; -1: the whole held history
     max_catchup_messages: int = 500
     max_initial_conversations: int = -1
-    unread_hours_threshold: int = 720
 
 
 @dataclass(frozen=True)
