@@ -19,10 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def read_topic(
+async def read_raw(
     settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0
-) -> list[Record]:
-    """Every record in a topic, from the beginning, without a consumer group.
+) -> list[tuple[bytes | None, bytes]]:
+    """Every (key, value) in a topic, from the beginning, without a consumer group.
 
     With ``expect``, waits until at least that many arrived (or times out and
     returns what is there, so the caller's assertion shows the difference);
@@ -36,26 +36,34 @@ async def read_topic(
         partitions = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
-        out: list[Record] = []
+        out: list[tuple[bytes | None, bytes]] = []
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=300)
             for messages in batch.values():
-                out.extend(decode(m.value) for m in messages)
+                out.extend((m.key, m.value) for m in messages)
             if expect is not None:
                 if len(out) >= expect:
                     # A little longer to catch extras (duplicates) that would follow.
                     await asyncio.sleep(0.3)
                     for messages in (await consumer.getmany(timeout_ms=300)).values():
-                        out.extend(decode(m.value) for m in messages)
+                        out.extend((m.key, m.value) for m in messages)
                     break
             else:
                 ends = await consumer.end_offsets(partitions)
-                if all(await consumer.position(tp) >= ends[tp] for tp in partitions):
+                positions = [await consumer.position(tp) for tp in partitions]
+                if all(pos >= ends[tp] for pos, tp in zip(positions, partitions, strict=True)):
                     break
         return out
     finally:
         await consumer.stop()
+
+
+async def read_topic(
+    settings: Settings, topic: str, expect: int | None = None, timeout: float = 30.0
+) -> list[Record]:
+    """Like ``read_raw``, decoded with the one codec."""
+    return [decode(value) for _, value in await read_raw(settings, topic, expect, timeout)]
 
 
 def stage_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -87,33 +87,6 @@ async def publish_raw(settings: Settings, key: str, values: list[bytes]) -> None
         await producer.stop()
 
 
-async def read_topic(settings: Settings, topic: str) -> list[bytes]:
-    """Everything currently in ``topic`` (all partitions, no group)."""
-    from aiokafka import AIOKafkaConsumer, TopicPartition
-
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap, enable_auto_commit=False
-    )
-    await consumer.start()
-    out: list[bytes] = []
-    try:
-        parts = consumer.partitions_for_topic(topic) or set()
-        if not parts:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(topic) or set()
-        tps = [TopicPartition(topic, p) for p in sorted(parts)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
-        for tp in tps:
-            while await consumer.position(tp) < end[tp]:
-                batch = await consumer.getmany(tp, timeout_ms=1000)
-                out.extend(r.value for records in batch.values() for r in records)
-    finally:
-        await consumer.stop()
-    return out
-
-
 def client_for(settings: Settings) -> MatrixClient:
     reg = load_registration(settings.appservice.registration)
     assert settings.homeserver.url and settings.homeserver.server_name

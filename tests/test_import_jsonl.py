@@ -2,35 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import orjson
 
 from backflow.settings import Settings
-from tests.helpers import read_topic
+from tests.helpers import read_topic, stage_env
 from topics.records import HistoryComplete, NetworkMessage, PortalInfo, SyncComplete
 
 TS = 1_700_000_000_000
 
 
-def env_for(settings: Settings) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFLOW_")}
-    env.update(
-        BACKFLOW_KAFKA_BOOTSTRAP=settings.kafka.bootstrap or "",
-        BACKFLOW_KAFKA_TOPIC_PREFIX=settings.kafka.topic_prefix,
-        BACKFLOW_KAFKA_PARTITIONS=str(settings.kafka.partitions),
-        BACKFLOW_DATABASE_URL=settings.database.url or "",
-        BACKFLOW_STATE_DIR=str(settings.state_dir),
-    )
-    return env
-
-
 def backflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "backflow.cli", *args],
-        env=env_for(settings),
+        env=stage_env(settings),
         capture_output=True,
         text=True,
         timeout=120,

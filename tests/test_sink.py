@@ -17,6 +17,7 @@ from connectors.matrix.ghosts import ghost_user_id, room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.sink import run_sink
 from connectors.matrix.store import Store
+from tests.helpers import read_raw
 from tests.sink_helpers import (
     BASE_TS,
     NET,
@@ -26,7 +27,6 @@ from tests.sink_helpers import (
     message,
     publish,
     publish_raw,
-    read_topic,
     room_messages,
     sends,
     text,
@@ -112,7 +112,7 @@ async def test_backfill_order_ts_html_and_ghosts(stack: Settings) -> None:
         assert await client.resolve_alias(alias) == room
 
     # RoomCreated published for the pipeline
-    events_raw = await read_topic(stack, stack.catalog.portal_events)
+    events_raw = [v for _, v in await read_raw(stack, stack.catalog.portal_events)]
     created = [decode(v) for v in events_raw]
     assert created == [
         RoomCreated(network=NET, portal=portal, room_id=room, alias=alias, last_bridged_ts=None)
@@ -141,7 +141,7 @@ async def test_idempotent_room_creation_and_replay(stack: Settings) -> None:
     assert await room_of(stack, portal) == room
     async with client_for(stack) as client:
         assert bodies(await room_messages(client, room)) == [f"c{i}" for i in range(5)]
-    created = [decode(v) for v in await read_topic(stack, stack.catalog.portal_events)]
+    created = [decode(v) for _, v in await read_raw(stack, stack.catalog.portal_events)]
     assert {c.room_id for c in created} == {room}
     assert [c.last_bridged_ts for c in created] == [None, BASE_TS + 4, BASE_TS + 4]
 
@@ -243,7 +243,7 @@ async def test_media_relations_and_dead_letters(stack: Settings) -> None:
         sent = [e for e in events if e["type"] != "m.room.redaction"]
         assert [e["origin_server_ts"] for e in sent] == sorted(e["origin_server_ts"] for e in sent)
 
-    letters = [decode(v) for v in await read_topic(stack, stack.catalog.dead_letters)]
+    letters = [decode(v) for _, v in await read_raw(stack, stack.catalog.dead_letters)]
     reasons = {(orjson.loads(d.original).get("message") or {}).get("id"): d.reason for d in letters}
     assert all(d.stage == "sink" for d in letters)
     assert "HTTP 400" in reasons["react2"] and "homeserver refused" in reasons["react2"]
