@@ -90,14 +90,16 @@ def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
 class Worker:
     """``python -m pipeline.worker`` in a subprocess, its output in a log file."""
 
-    def __init__(self, settings: Settings, log: Path, **extra_env: str) -> None:
+    def __init__(
+        self, settings: Settings, log: Path, *, code: str | None = None, **extra_env: str
+    ) -> None:
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log_path = log
         self._log = open(log, "ab")  # noqa: SIM115 - closed in stop()
         cwd = settings.state_dir  # no backflow.yaml of the developer is picked up
         cwd.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.worker"],
+            [sys.executable, "-c", code] if code else [sys.executable, "-m", "pipeline.worker"],
             env=worker_env(settings, **extra_env),
             cwd=cwd,
             stdout=self._log,
@@ -125,6 +127,27 @@ class Worker:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+
+
+# A worker whose first follower SyncGroup goes out late (after the leader's):
+# on the mock broker that SyncGroup is answered INVALID_REQUEST.
+LATE_FIRST_SYNC_WORKER = """
+import asyncio
+from aiokafka.consumer import group_coordinator as gc
+
+original = gc.CoordinatorGroupRebalance._on_join_follower
+calls = []
+
+async def late_first_sync(self):
+    calls.append(1)
+    if len(calls) == 1:
+        await asyncio.sleep({delay})
+    return await original(self)
+
+gc.CoordinatorGroupRebalance._on_join_follower = late_first_sync
+from pipeline.worker import main
+main()
+"""
 
 
 def msg(
