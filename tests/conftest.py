@@ -67,9 +67,7 @@ def appservices() -> dict[str, Appservice]:
 def synapse(
     tmp_path_factory: pytest.TempPathFactory, appservices: dict[str, Appservice]
 ) -> Iterator[Synapse]:
-    server = Synapse(
-        tmp_path_factory.mktemp("synapse"), appservices=list(appservices.values())
-    )
+    server = Synapse(tmp_path_factory.mktemp("synapse"), appservices=list(appservices.values()))
     server.start()
     yield server
     server.stop()
@@ -89,30 +87,36 @@ def write_registration(path: Path, appservice: Appservice) -> Path:
 async def make_settings(
     kafka: EmbeddedKafka | str,
     pg_admin: str,
-    synapse: Synapse,
-    appservice: Appservice,
+    synapse: Synapse | None,
+    appservice: Appservice | None,
     tmp_path: Path,
     **overrides: object,
 ) -> tuple[Settings, str]:
-    """Settings for one isolated test: own topics, own database, own state dir."""
+    """Settings for one isolated test: own topics, own database, own state dir.
+
+    Without ``synapse`` (pipeline-only tests) no homeserver is configured.
+    """
     prefix = unique("t")
     db = unique("bf_")
     db_url = await create_database(pg_admin, db)
     bootstrap = kafka if isinstance(kafka, str) else kafka.bootstrap
-    registration = write_registration(tmp_path / "registration.yaml", appservice)
-    settings = load(env={}).with_overrides(
-        {
-            "kafka.bootstrap": bootstrap,
-            "kafka.topic_prefix": prefix,
-            "kafka.partitions": TEST_PARTITIONS,
-            "database.url": db_url,
-            "homeserver.url": synapse.url,
-            "homeserver.server_name": synapse.server_name,
-            "appservice.registration": str(registration),
-            "state_dir": str(tmp_path / "state"),
-            **overrides,
-        }
-    )
+    values: dict[str, object] = {
+        "kafka.bootstrap": bootstrap,
+        "kafka.topic_prefix": prefix,
+        "kafka.partitions": TEST_PARTITIONS,
+        "database.url": db_url,
+        "state_dir": str(tmp_path / "state"),
+    }
+    if synapse is not None and appservice is not None:
+        registration = write_registration(tmp_path / "registration.yaml", appservice)
+        values.update(
+            {
+                "homeserver.url": synapse.url,
+                "homeserver.server_name": synapse.server_name,
+                "appservice.registration": str(registration),
+            }
+        )
+    settings = load(env={}).with_overrides({**values, **overrides})
     await provision(
         settings.catalog,
         bootstrap=bootstrap,
@@ -144,8 +148,6 @@ async def limited_stack(
     tmp_path: Path,
 ) -> AsyncIterator[Settings]:
     """Like `stack`, but the appservice's ghosts are rate limited by Synapse."""
-    settings, db = await make_settings(
-        kafka, pg_admin, synapse, appservices["limited"], tmp_path
-    )
+    settings, db = await make_settings(kafka, pg_admin, synapse, appservices["limited"], tmp_path)
     yield settings
     await drop_database(pg_admin, db)

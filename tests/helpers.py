@@ -80,6 +80,7 @@ def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
         "BACKFLOW_HOMESERVER_SERVER_NAME": settings.homeserver.server_name,
         "BACKFLOW_APPSERVICE_REGISTRATION": settings.appservice.registration,
         "BACKFLOW_STATE_DIR": str(settings.state_dir),
+        "BACKFLOW_BACKFILL_ENABLED": str(settings.backfill.enabled).lower(),
         "BACKFLOW_BACKFILL_MAX_INITIAL_MESSAGES": str(settings.backfill.max_initial_messages),
         "BACKFLOW_BACKFILL_MAX_CATCHUP_MESSAGES": str(settings.backfill.max_catchup_messages),
         "BACKFLOW_BACKFILL_MAX_INITIAL_CONVERSATIONS": str(

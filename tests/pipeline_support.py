@@ -8,7 +8,6 @@ CreateRoom with a RoomCreated on portal-events.
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -21,10 +20,9 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from backflow.settings import Settings, load
-from backflow.stack.postgres import create_database
+from backflow.settings import Settings
+from tests.helpers import read_raw, stage_env
 from topics.codec import decode, encode
-from topics.provision import provision
 from topics.records import (
     Content,
     CreateRoom,
@@ -49,42 +47,13 @@ def unique(prefix: str) -> str:
 async def pipeline_settings(
     kafka: Any, pg_admin: str, tmp_path: Path, partitions: int = 4, **overrides: object
 ) -> Settings:
-    """Own topic prefix, own database; topics provisioned (the pipeline needs no others)."""
-    bootstrap = kafka if isinstance(kafka, str) else kafka.bootstrap
-    db_url = await create_database(pg_admin, unique("bfp_"))
-    settings = load(env={}).with_overrides(
-        {
-            "kafka.bootstrap": bootstrap,
-            "kafka.topic_prefix": unique("p"),
-            "kafka.partitions": partitions,
-            "database.url": db_url,
-            "state_dir": str(tmp_path / "state"),
-            **overrides,
-        }
-    )
-    await provision(
-        settings.catalog, bootstrap=bootstrap, embedded=None if isinstance(kafka, str) else kafka
+    """Own topic prefix, own database, topics provisioned; no homeserver needed."""
+    from tests.conftest import make_settings
+
+    settings, _ = await make_settings(
+        kafka, pg_admin, None, None, tmp_path, **{"kafka.partitions": partitions, **overrides}
     )
     return settings
-
-
-def worker_env(settings: Settings, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("BACKFLOW_")}
-    b = settings.backfill
-    env.update(
-        PYTHONPATH=str(ROOT),
-        BACKFLOW_KAFKA_BOOTSTRAP=str(settings.kafka.bootstrap),
-        BACKFLOW_KAFKA_TOPIC_PREFIX=settings.kafka.topic_prefix,
-        BACKFLOW_KAFKA_PARTITIONS=str(settings.kafka.partitions),
-        BACKFLOW_DATABASE_URL=str(settings.database.url),
-        BACKFLOW_STATE_DIR=str(settings.state_dir),
-        BACKFLOW_BACKFILL_ENABLED=str(b.enabled).lower(),
-        BACKFLOW_BACKFILL_MAX_INITIAL_MESSAGES=str(b.max_initial_messages),
-        BACKFLOW_BACKFILL_MAX_CATCHUP_MESSAGES=str(b.max_catchup_messages),
-        BACKFLOW_BACKFILL_MAX_INITIAL_CONVERSATIONS=str(b.max_initial_conversations),
-    )
-    env.update(extra)
-    return env
 
 
 class Worker:
@@ -100,7 +69,7 @@ class Worker:
         cwd.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-c", code] if code else [sys.executable, "-m", "pipeline.worker"],
-            env=worker_env(settings, **extra_env),
+            env=stage_env(settings, PYTHONPATH=str(ROOT), **extra_env),
             cwd=cwd,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -308,29 +277,6 @@ class FakeSink:
             await asyncio.sleep(0.1)
 
 
-async def read_topic(settings: Settings, topic: str, timeout: float = 5) -> list[Any]:
-    """Every record of ``topic`` (all partitions) as (key, value) pairs."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka.bootstrap,
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
-    )
-    await consumer.start()
-    try:
-        tps = [TopicPartition(topic, p) for p in range(settings.kafka.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
-        out = []
-        deadline = time.monotonic() + timeout
-        while True:
-            behind = [tp for tp in tps if await consumer.position(tp) < ends[tp]]
-            if not behind or time.monotonic() > deadline:
-                break
-            batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                out.extend((r.key, orjson.loads(r.value)) for r in records)
-        return out
-    finally:
-        await consumer.stop()
+async def read_topic(settings: Settings, topic: str) -> list[Any]:
+    """Every record of ``topic`` as (key, parsed JSON value) pairs."""
+    return [(k, orjson.loads(v)) for k, v in await read_raw(settings, topic)]
