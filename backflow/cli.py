@@ -18,6 +18,7 @@ import click
 from backflow import bus
 from backflow.settings import Settings, SettingsError, load
 from connectors.base import SourceError, available
+from connectors.publish import ImportSummary
 from topics.provision import ProvisionError, provision
 
 # Failures an operator can act on: reported as one line, exit status 1.
@@ -146,6 +147,25 @@ def _parse_options(values: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
+def progress_line(summary: ImportSummary, position: tuple[int, int] | None) -> str:
+    """One status line: a bar when the source tracks its input, then counts and rate."""
+    counts = (
+        f"{summary.messages:,} messages, {summary.portals:,} portals, "
+        f"{summary.rejected:,} rejected, {summary.rate:,.0f} msg/s"
+    )
+    if not position or position[1] <= 0:
+        return counts
+    done, total = position
+    fraction = done / total
+    width = 24
+    bar = "#" * int(fraction * width) + "-" * (width - int(fraction * width))
+    eta = ""
+    if 0 < fraction < 1 and summary.seconds > 1:
+        left = int(summary.seconds * (1 - fraction) / fraction)
+        eta = f", {left // 60}:{left % 60:02d} left"
+    return f"[{bar}] {fraction:4.0%} {counts}{eta}"
+
+
 @cli.command("import")
 @click.argument("format", required=False)
 @click.argument("path", required=False, type=click.Path(path_type=Path))
@@ -160,7 +180,7 @@ def import_(
     list_formats: bool,
 ) -> None:
     """Import history from PATH with the FORMAT connector (see --list)."""
-    from connectors.publish import ImportSummary, publish_source
+    from connectors.publish import publish_source
 
     sources = available()
     if list_formats:
@@ -188,12 +208,7 @@ def import_(
 
     def progress(summary: ImportSummary) -> None:
         if sys.stderr.isatty():
-            click.echo(
-                f"\r  {summary.messages:,} messages, {summary.portals:,} portals, "
-                f"{summary.rejected:,} rejected, {summary.rate:,.0f} msg/s",
-                err=True,
-                nl=False,
-            )
+            click.echo("\r" + progress_line(summary, source.progress()), err=True, nl=False)
 
     summary = asyncio.run(publish_source(source, settings_of(ctx), progress, on_reject))
     if sys.stderr.isatty():

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar
+from typing import IO, ClassVar
 
 from topics.records import NetworkMessage, PortalInfo
 
@@ -58,9 +58,28 @@ class Source:
         self.options = dict(options or {})
         # Filled by read() for the final summary: e.g. {"media": 3}.
         self.stats: dict[str, int] = {}
+        self._tracked: tuple[IO[bytes], int] | None = None
 
     def read(self) -> Iterator[Item]:
         raise NotImplementedError
+
+    def track(self, handle: IO[bytes], total: int) -> None:
+        """Let the progress bar follow ``handle``'s read position out of ``total`` bytes.
+
+        Optional: a source that calls it gets a percentage and an estimate,
+        one that does not still gets counts and a rate.
+        """
+        self._tracked = (handle, total)
+
+    def progress(self) -> tuple[int, int] | None:
+        """(bytes read, bytes in all) of the tracked input, if any."""
+        if self._tracked is None:
+            return None
+        handle, total = self._tracked
+        try:
+            return min(handle.tell(), total), total
+        except (OSError, ValueError):  # closed, or not seekable
+            return None
 
 
 def available() -> dict[str, type[Source]]:

@@ -104,3 +104,27 @@ async def test_unknown_format_lists_installed(stack, tmp_path):
     assert result.returncode == 0 and "jsonl" in result.stdout
     result = backflow(stack, "import", "nope", str(tmp_path))
     assert result.returncode != 0 and "unknown format 'nope'" in result.stderr
+
+
+def test_progress_line_shows_bar_counts_rate_and_eta():
+    from backflow.cli import progress_line
+    from connectors.publish import ImportSummary
+
+    summary = ImportSummary("jsonl", portals=3, messages=1200, rejected=2, seconds=4.0)
+    line = progress_line(summary, (250, 1000))
+    assert line.startswith("[######------------------]  25% 1,200 messages, 3 portals")
+    assert "2 rejected, 300 msg/s" in line and line.endswith("0:12 left")
+    assert progress_line(summary, None).startswith("1,200 messages")
+
+
+def test_sources_report_their_read_position(tmp_path):
+    from connectors.sources.jsonl import JsonlSource
+
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(b"".join(line(i) + b"\n" for i in range(50)))
+    source = JsonlSource(path)
+    items = source.read()
+    next(items)
+    done, total = source.progress()
+    assert total == path.stat().st_size and 0 < done <= total
+    list(items)

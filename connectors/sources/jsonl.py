@@ -23,6 +23,7 @@ class JsonlSource(Source):
             handle = self.path.open("rb")
         except OSError as exc:
             raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
+        self.track(handle, self.path.stat().st_size)
         with handle:
             for number, raw in enumerate(handle, start=1):
                 line = raw.strip()

@@ -30,7 +30,7 @@ import json
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
@@ -280,7 +280,7 @@ class _Export:
 
     _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
         self.path = path
         self.zip: zipfile.ZipFile | None = None
         names: list[str]
@@ -291,6 +291,8 @@ class _Export:
                 self.zip = zipfile.ZipFile(path)
             except (zipfile.BadZipFile, OSError, EOFError) as exc:
                 raise SourceError(f"{path.name}: not a readable zip ({exc})") from None
+            if self.zip.fp is not None:  # the progress bar follows the archive position
+                track(self.zip.fp, path.stat().st_size)
             names = [i.filename for i in self.zip.infolist() if not i.is_dir()]
         else:
             raise SourceError(f"{path}: no such file or directory")
@@ -351,7 +353,7 @@ class SlackSource(Source):
     description = "Slack workspace export (.zip or its unpacked folder)"
 
     def read(self) -> Iterator[Item]:
-        export = _Export(self.path)
+        export = _Export(self.path, self.track)
         try:
             yield from self._read(export)
         finally:

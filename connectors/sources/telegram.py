@@ -145,6 +145,7 @@ class TelegramSource(Source):
             self.stats.setdefault(key, 0)
         chats = 0
         with path.open("rb") as handle:
+            self.track(handle, path.stat().st_size)
             try:
                 for chat, event, obj in self._walk(handle):
                     if only and chat["portal"] not in only:

@@ -27,7 +27,7 @@ import mimetypes
 import re
 import zipfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -140,8 +140,9 @@ class _Pending:
 class _Export:
     """The chat text and its media, from a .txt (media beside it) or a .zip."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
         self.path = path
+        self.track = track  # Source.track: the progress bar follows our reading
         self.zip: zipfile.ZipFile | None = None
         self.entries: dict[str, zipfile.ZipInfo] = {}
         self.refused: list[str] = []
@@ -159,6 +160,8 @@ class _Export:
             self.zip = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, OSError, EOFError) as exc:
             raise SourceError(f"{self.path.name}: not a readable zip ({exc})") from None
+        if self.zip.fp is not None:
+            self.track(self.zip.fp, self.path.stat().st_size)
         chats: list[str] = []
         for info in self.zip.infolist():
             if info.is_dir():
@@ -201,6 +204,8 @@ class _Export:
             handle = self.zip.open(self.chat_name) if self.zip else self.path.open("rb")
         except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
             raise SourceError(f"{self.path.name}: cannot read {self.chat_name}: {exc}") from None
+        if self.zip is None:
+            self.track(handle, self.path.stat().st_size)
         with handle:
             yield self._guarded(handle)
 
@@ -252,7 +257,7 @@ class WhatsAppSource(Source):
         order_option = self.options.get("date_order")
         if order_option not in (None, "dmy", "mdy"):
             raise SourceError(f"option date_order must be dmy or mdy, got {order_option!r}")
-        export = _Export(self.path)
+        export = _Export(self.path, self.track)
         try:
             for name in export.refused:
                 yield Rejected(
