@@ -27,10 +27,18 @@ TEST_PARTITIONS = 4
 
 @pytest.fixture(scope="session")
 def kafka() -> Iterator[EmbeddedKafka | str]:
-    """The broker: BACKFLOW_KAFKA_BOOTSTRAP if set, else librdkafka's mock cluster."""
+    """The broker: BACKFLOW_KAFKA_BOOTSTRAP if set; Kafka in Docker when
+    BACKFLOW_TEST_KAFKA=docker (testcontainers); else librdkafka's mock cluster."""
     external = os.environ.get("BACKFLOW_KAFKA_BOOTSTRAP")
     if external:
         yield external
+        return
+    if os.environ.get("BACKFLOW_TEST_KAFKA") == "docker":
+        from backflow.stack.docker_kafka import DockerKafka
+
+        container = DockerKafka()
+        yield container.bootstrap
+        container.close()
         return
     broker = EmbeddedKafka()
     yield broker

@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from backflow.stack.docker_kafka import DockerKafka
 from backflow.stack.kafka import EmbeddedKafka
 from backflow.stack.postgres import (
     EmbeddedPostgres,
@@ -187,6 +188,7 @@ async def _serve(state_dir: Path, partitions: int) -> None:
         loop.add_signal_handler(sig, stop.set)
 
     kafka: EmbeddedKafka | None = None
+    docker_kafka: DockerKafka | None = None
     pg: EmbeddedPostgres | None = None
     synapse: Synapse | None = None
     runner: web.AppRunner | None = None
@@ -196,6 +198,9 @@ async def _serve(state_dir: Path, partitions: int) -> None:
         bootstrap = os.environ.get("BACKFLOW_KAFKA_BOOTSTRAP")
         if bootstrap:
             _check_reachable(bootstrap)
+        elif os.environ.get("BACKFLOW_STACK_KAFKA") == "docker":
+            docker_kafka = DockerKafka()
+            bootstrap = docker_kafka.bootstrap
         else:
             kafka = EmbeddedKafka()
             bootstrap = kafka.bootstrap
@@ -248,6 +253,8 @@ async def _serve(state_dir: Path, partitions: int) -> None:
             await asyncio.to_thread(pg.stop)
         if kafka is not None:
             kafka.close()
+        if docker_kafka is not None:
+            docker_kafka.close()
 
 
 def serve(state_dir: Path, partitions: int = 8) -> None:

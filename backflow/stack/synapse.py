@@ -1,7 +1,9 @@
 """A real Synapse homeserver (pip ``matrix-synapse``) run as a subprocess.
 
 Used by the test fixtures and ``backflow stack up``. Synapse keeps its own data
-in SQLite here (that is Synapse's business, not backflow's state). The config
+in SQLite by default (that is Synapse's business, not backflow's state), or in a
+PostgreSQL database given as ``database_url`` (as production homeservers do;
+needs ``psycopg2``, and the database made by :func:`create_synapse_database`). The config
 is generated once with ``--generate-config`` (secrets, signing key) and then
 rewritten on every start from the generated values plus our overrides, so a
 restart keeps the same data and signing key.
@@ -23,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -139,8 +142,67 @@ class SynapseError(RuntimeError):
     pass
 
 
+def postgres_database_config(url: str) -> dict[str, Any]:
+    """Synapse's ``database`` section for a ``postgresql://`` URL (psycopg2 engine).
+
+    A ``?host=/socket/dir`` query (Unix socket, as the embedded server uses)
+    wins over the URL's host.
+    """
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise SynapseError(f"not a postgresql:// URL: {parts.scheme}://...")
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    database = unquote(parts.path.lstrip("/"))
+    if not database:
+        raise SynapseError("the database URL names no database")
+    args: dict[str, Any] = {
+        "user": unquote(parts.username) if parts.username else query.get("user", "postgres"),
+        "database": database,
+        "host": query.get("host") or parts.hostname or "127.0.0.1",
+        "port": parts.port or int(query.get("port", 5432)),
+        "cp_min": 5,
+        "cp_max": 10,
+    }
+    password = unquote(parts.password) if parts.password else query.get("password")
+    if password:
+        args["password"] = password
+    return {"name": "psycopg2", "args": args}
+
+
+async def create_synapse_database(admin_url: str, name: str) -> str:
+    """Create database ``name`` the way Synapse requires it and return its URL.
+
+    Synapse refuses a database whose collation is not C (``ENCODING 'UTF8'
+    LC_COLLATE='C' LC_CTYPE='C'``, from ``template0``). A no-op if it exists.
+    """
+    import asyncpg
+
+    from backflow.stack.postgres import _check_name, database_url
+
+    _check_name(name)
+    conn = await asyncpg.connect(admin_url)
+    try:
+        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        if not exists:
+            try:
+                await conn.execute(
+                    f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE='C' "
+                    "LC_CTYPE='C' TEMPLATE=template0"
+                )
+            except asyncpg.DuplicateDatabaseError:
+                pass  # created concurrently
+    finally:
+        await conn.close()
+    return database_url(admin_url, name)
+
+
 class Synapse:
-    """One Synapse process with its data in ``state_dir``, listening on 127.0.0.1."""
+    """One Synapse process with its data in ``state_dir``, listening on 127.0.0.1.
+
+    With ``database_url`` (``postgresql://user[:pw]@host:port/db``) Synapse
+    stores its data in that PostgreSQL database instead of SQLite in
+    ``state_dir``; media, keys and logs stay in ``state_dir``.
+    """
 
     def __init__(
         self,
@@ -148,8 +210,10 @@ class Synapse:
         server_name: str = "backflow.test",
         appservices: list[Appservice] | None = None,
         port: int | None = None,
+        database_url: str | None = None,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
+        self.database_url = database_url
         self.server_name = server_name
         self.appservices = list(appservices or [])
         self.port = port
@@ -244,6 +308,8 @@ class Synapse:
                 **_RATE_LIMIT_OVERRIDES,
             }
         )
+        if self.database_url is not None:
+            config["database"] = postgres_database_config(self.database_url)
         self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
 
     def _kill_stale(self) -> None:
