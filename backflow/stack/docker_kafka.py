@@ -36,7 +36,7 @@ class DockerKafka:
                 "Kafka in Docker was asked for, but no Docker engine is reachable; "
                 "unset BACKFLOW_STACK_KAFKA / BACKFLOW_TEST_KAFKA to use the embedded broker"
             )
-        from testcontainers.kafka import KafkaContainer
+        from testcontainers.community.kafka import KafkaContainer
 
         self._container: Any = KafkaContainer(image).with_kraft()
         self._container.start()
