@@ -1,17 +1,27 @@
-"""Pure parts of the sink (ids, content, registration, offsets) and the client's
-retry policy against a scripted fake homeserver. No Synapse needed."""
+"""Pure parts of the sink (ids, content, registration, offsets), and the HTTP
+client against the real Synapse behind a fault-injecting proxy (tests/fault_proxy.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
-from aiohttp import web
 from aiokafka import TopicPartition
 
-from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable, MediaError
+from backflow.stack.synapse import Appservice, Synapse
+from connectors.matrix.client import (
+    MAX_500_RETRIES,
+    MatrixClient,
+    MatrixError,
+    MatrixUnreachable,
+    MediaError,
+)
 from connectors.matrix.content import SOURCE_KEY, build_content, redaction_content, sanitize_html
 from connectors.matrix.ghosts import (
     alias_localpart,
@@ -23,6 +33,8 @@ from connectors.matrix.ghosts import (
 )
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
 from connectors.matrix.sink import OffsetTracker, txn_id
+from tests.conftest import unique
+from tests.fault_proxy import FaultProxy
 from topics.records import Content, NetworkMessage, Sender
 
 ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789._=-/")
@@ -257,91 +269,277 @@ def test_offset_tracker_commits_below_first_unfinished() -> None:
 
 
 # ---------------------------------------------------------------- client
+#
+# The client against the real Synapse (session fixture) behind FaultProxy:
+# every success is Synapse's own answer, faults are injected in front of it,
+# and every claim about a room is checked by reading the room back directly
+# from Synapse (not through the proxy).
+
+TOKEN = "as-secret-token-123"  # only for the no-server test below
+TS = 1_600_000_000_000
+SEND = "/send/m.room.message/"
 
 
-TOKEN = "as-secret-token-123"
+@dataclass
+class Real:
+    proxy: FaultProxy
+    client: MatrixClient  # through the proxy: the client under test
+    direct: MatrixClient  # straight to Synapse: setup and reading rooms back
+    app: Appservice
+    server_name: str
 
+    @property
+    def token(self) -> str:
+        return self.app.as_token
 
-class FakeHS:
-    """Scripted responses per path; records what it received."""
+    def ghost(self) -> tuple[str, str]:
+        localpart = unique(f"{self.app.user_prefix}g")
+        return localpart, f"@{localpart}:{self.server_name}"
 
-    def __init__(self) -> None:
-        self.script: list[tuple[int, dict, dict]] = []
-        self.seen: list[web.Request] = []
-        self.bodies: list[bytes] = []
+    async def room_with_ghost(self) -> tuple[str, str]:
+        """A real room (made directly) with a real ghost joined to it."""
+        room, created = await self.direct.create_room(unique(f"{self.app.alias_prefix}r"))
+        assert created
+        localpart, ghost = self.ghost()
+        assert await self.direct.register(localpart) is True
+        await self.direct.invite(room, ghost)
+        await self.direct.join(room, ghost)
+        return room, ghost
 
-    async def handle(self, request: web.Request) -> web.Response:
-        self.seen.append(request)
-        self.bodies.append(await request.read())
-        status, body, headers = (
-            self.script.pop(0) if self.script else (200, {"event_id": "$ok"}, {})
-        )
-        return web.json_response(body, status=status, headers=headers)
+    async def events_with_body(self, room: str, body: str) -> list[dict[str, Any]]:
+        """Read the room back from Synapse: the m.room.message events with this body."""
+        events = await self.direct.timeline(room, types=["m.room.message"])
+        return [e for e in events if e["content"].get("body") == body]
+
+    def assert_token_only_in_header(self) -> None:
+        assert self.proxy.seen
+        for seen in self.proxy.seen:
+            assert self.token not in seen.path_qs
+            assert quote(self.token, safe="") not in seen.path_qs
+            assert seen.headers.get("Authorization") == f"Bearer {self.token}"
 
 
 @pytest.fixture
-async def fake_hs():
-    hs = FakeHS()
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hs.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-    client = MatrixClient(f"http://127.0.0.1:{port}", TOKEN, "hs", "bot", max_retry_delay=0.3)
-    yield hs, client
-    await client.close()
-    await runner.cleanup()
+async def real(synapse: Synapse, appservices: dict[str, Appservice]) -> AsyncIterator[Real]:
+    app = appservices["free"]
+    async with FaultProxy(synapse.url) as proxy:
+        client = MatrixClient(
+            proxy.url, app.as_token, synapse.server_name, app.sender_localpart, max_retry_delay=3.0
+        )
+        direct = MatrixClient(synapse.url, app.as_token, synapse.server_name, app.sender_localpart)
+        try:
+            yield Real(proxy, client, direct, app, synapse.server_name)
+        finally:
+            await client.close()
+            await direct.close()
 
 
-async def test_send_url_headers_and_429(fake_hs) -> None:
-    hs, client = fake_hs
-    hs.script = [
-        (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 5000}, {"Retry-After": "0.2"}),
-        (429, {"errcode": "M_LIMIT_EXCEEDED", "retry_after_ms": 100}, {}),
-        (200, {"event_id": "$e"}, {}),
-    ]
-    started = time.monotonic()
-    ev = await client.send(
-        "!r:hs", "m.room.message", {"body": "x"}, "txn1", as_user="@g:hs", ts=1_600_000_000_000
+async def test_register_real_ghost_then_user_in_use(real: Real) -> None:
+    localpart, ghost = real.ghost()
+    assert await real.client.register(localpart) is True
+    assert await real.client.register(localpart) is False  # Synapse's own M_USER_IN_USE
+    registers = real.proxy.requests("/register", "POST")
+    assert len(registers) == 2 and registers == real.proxy.forwarded
+    # the ghost really exists: Synapse lets the appservice act as it
+    who = await real.direct.request("GET", "/_matrix/client/v3/account/whoami", as_user=ghost)
+    assert who["user_id"] == ghost
+    real.assert_token_only_in_header()
+
+
+async def test_create_room_twice_finds_it_by_alias(real: Real) -> None:
+    localpart = unique(f"{real.app.alias_prefix}room")
+    alias = f"#{localpart}:{real.server_name}"
+    room, created = await real.client.create_room(localpart, name="Twice")
+    assert created and room.startswith("!")
+    # second call: Synapse answers M_ROOM_IN_USE, the client resolves the alias
+    assert await real.client.create_room(localpart, name="Twice") == (room, False)
+    assert len(real.proxy.requests("/createRoom", "POST")) == 2
+    assert real.proxy.requests(f"/directory/room/{alias}", "GET")
+    assert await real.direct.resolve_alias(alias) == room
+    state = await real.direct.request(
+        "GET", f"/_matrix/client/v3/rooms/{quote(room)}/state/m.room.name/"
     )
-    assert ev == "$e" and 0.3 <= time.monotonic() - started < 2
-    req = hs.seen[-1]
-    assert req.path == "/_matrix/client/v3/rooms/!r:hs/send/m.room.message/txn1"
-    assert req.query["user_id"] == "@g:hs" and req.query["ts"] == "1600000000000"
-    assert req.headers["Authorization"] == f"Bearer {TOKEN}"
-    assert all(TOKEN not in str(r.url) for r in hs.seen)
-    assert client.stats["rate_limited"] == 2
+    assert state["name"] == "Twice"
+    real.assert_token_only_in_header()
 
 
-async def test_5xx_retries_with_backoff_and_settle(fake_hs) -> None:
-    hs, client = fake_hs
-    hs.script = [(502, {}, {}), (503, {}, {}), (200, {"event_id": "$e"}, {})]
-    assert await client.send("!r:hs", "m.room.message", {}, "t") == "$e"
-    assert len(hs.seen) == 3
-    # a settle hook that finds the event stops the retries
-    hs.script = [(504, {}, {})]
-    calls = []
+async def test_429_waits_then_send_lands_once_with_ts(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    limit = {"errcode": "M_LIMIT_EXCEEDED", "error": "Too Many Requests"}
+    # header wins over the body (5 s would exceed the 3 s cap and the time bound)
+    real.proxy.inject(429, {**limit, "retry_after_ms": 5000}, {"Retry-After": "0.2"}, match=SEND)
+    real.proxy.inject(429, {**limit, "retry_after_ms": 300}, match=SEND)  # body only
+    body = unique("rate-limited ")
+    started = time.monotonic()
+    ev = await real.client.send(
+        room,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        unique("txn"),
+        as_user=ghost,
+        ts=TS + 1,
+    )
+    assert 0.5 <= time.monotonic() - started < 2.5
+    assert real.client.stats["rate_limited"] == 2 and real.client.stats["transient"] == 0
+    sends = real.proxy.requests(SEND, "PUT")
+    assert len(sends) == 3 and len({s.path_qs for s in sends}) == 1
+    assert [s for s in real.proxy.forwarded if SEND in unquote(s.path_qs)] == sends[2:]
+    query = parse_qs(urlsplit(sends[-1].path_qs).query)
+    assert query == {"user_id": [ghost], "ts": [str(TS + 1)]}
+    events = await real.events_with_body(room, body)
+    assert [(e["event_id"], e["sender"], e["origin_server_ts"]) for e in events] == [
+        (ev, ghost, TS + 1)
+    ]
+    real.assert_token_only_in_header()
 
-    async def settle():
-        calls.append(1)
-        return {"event_id": "$found"}
 
-    assert await client.send("!r:hs", "m.room.message", {}, "t2", settle=settle) == "$found"
-    assert calls == [1]
+async def test_502_503_504_retried_then_lands_once(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    for status in (502, 503, 504):
+        real.proxy.inject(
+            status, {"errcode": "M_UNKNOWN", "error": f"gateway {status}"}, match=SEND
+        )
+    body = unique("after-5xx ")
+    ev = await real.client.send(
+        room,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        unique("txn"),
+        as_user=ghost,
+        ts=TS + 2,
+    )
+    assert real.client.stats["transient"] == 3 and real.proxy.pending_faults == 0
+    assert len(real.proxy.requests(SEND, "PUT")) == 4
+    events = await real.events_with_body(room, body)
+    assert [(e["event_id"], e["origin_server_ts"]) for e in events] == [(ev, TS + 2)]
+    real.assert_token_only_in_header()
 
 
-async def test_permanent_errors_carry_errcode_without_token(fake_hs) -> None:
-    hs, client = fake_hs
-    hs.script = [(400, {"errcode": "M_BAD_JSON", "error": f"bad {TOKEN}"}, {})]
+async def test_lost_reply_retried_with_same_txn_lands_once(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    real.proxy.drop_response_once(match=SEND)  # Synapse stores it; the client sees 502
+    body = unique("lost-reply ")
+    ev = await real.client.send(
+        room,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        unique("txn"),
+        as_user=ghost,
+        ts=TS + 3,
+    )
+    sends = real.proxy.requests(SEND, "PUT")
+    # both attempts reached Synapse with the same txn id; it deduplicated the second
+    assert len(sends) == 2 and sends[0].path_qs == sends[1].path_qs
+    assert [s for s in real.proxy.forwarded if SEND in unquote(s.path_qs)] == sends
+    events = await real.events_with_body(room, body)
+    assert [(e["event_id"], e["origin_server_ts"]) for e in events] == [(ev, TS + 3)]
+    real.assert_token_only_in_header()
+
+
+async def test_lost_reply_settled_from_the_room(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    real.proxy.drop_response_once(match=SEND)
+    body = unique("settled ")
+    calls: list[str | None] = []
+
+    async def settle() -> dict[str, Any] | None:
+        found = await real.events_with_body(room, body)
+        calls.append(found[0]["event_id"] if found else None)
+        return {"event_id": found[0]["event_id"]} if found else None
+
+    ev = await real.client.send(
+        room,
+        "m.room.message",
+        {"msgtype": "m.text", "body": body},
+        unique("txn"),
+        as_user=ghost,
+        ts=TS + 4,
+        settle=settle,
+    )
+    assert calls == [ev]  # the hook found the event the lost reply was about
+    assert len(real.proxy.requests(SEND, "PUT")) == 1  # so no resend at all
+    events = await real.events_with_body(room, body)
+    assert [(e["event_id"], e["origin_server_ts"]) for e in events] == [(ev, TS + 4)]
+    real.assert_token_only_in_header()
+
+
+async def test_real_forbidden_is_permanent_and_not_retried(real: Real) -> None:
+    room, _ = await real.room_with_ghost()
+    localpart, outsider = real.ghost()
+    assert await real.direct.register(localpart) is True  # exists, but not in the room
+    body = unique("forbidden ")
     with pytest.raises(MatrixError) as info:
-        await client.send("!r:hs", "m.room.message", {}, "t")
-    assert info.value.errcode == "M_BAD_JSON" and info.value.status == 400
-    assert TOKEN not in str(info.value) and "***" in str(info.value)
-    hs.script = [(500, {"errcode": "M_UNKNOWN"}, {})] * 10
-    with pytest.raises(MatrixError):
-        await client.send("!r:hs", "m.room.message", {}, "t")
+        await real.client.send(
+            room,
+            "m.room.message",
+            {"msgtype": "m.text", "body": body},
+            unique("txn"),
+            as_user=outsider,
+            ts=TS + 5,
+        )
+    assert (info.value.status, info.value.errcode) == (403, "M_FORBIDDEN")
+    assert len(real.proxy.requests(SEND, "PUT")) == 1
+    assert real.client.stats["transient"] == 0 and real.client.stats["rate_limited"] == 0
+    assert await real.events_with_body(room, body) == []
+    real.assert_token_only_in_header()
+
+
+async def test_error_text_is_scrubbed_of_the_token(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    real.proxy.inject(400, {"errcode": "M_BAD_JSON", "error": f"bad {real.token}"}, match=SEND)
+    body = unique("bad ")
+    with pytest.raises(MatrixError) as info:
+        await real.client.send(
+            room,
+            "m.room.message",
+            {"msgtype": "m.text", "body": body},
+            unique("txn"),
+            as_user=ghost,
+        )
+    assert (info.value.status, info.value.errcode) == (400, "M_BAD_JSON")
+    assert real.token not in str(info.value) and "***" in str(info.value)
+    assert real.token not in repr(info.value) and real.token not in info.value.error
+    assert len(real.proxy.requests(SEND, "PUT")) == 1
+    assert await real.events_with_body(room, body) == []
+    real.assert_token_only_in_header()
+
+
+async def test_500_retried_a_few_times_then_permanent(real: Real) -> None:
+    room, ghost = await real.room_with_ghost()
+    real.client.max_retry_delay = 0.05
+    real.proxy.inject(500, {"errcode": "M_UNKNOWN", "error": "boom"}, times=10, match=SEND)
+    body = unique("five-hundred ")
+    with pytest.raises(MatrixError) as info:
+        await real.client.send(
+            room,
+            "m.room.message",
+            {"msgtype": "m.text", "body": body},
+            unique("txn"),
+            as_user=ghost,
+        )
+    assert info.value.status == 500
+    assert len(real.proxy.requests(SEND, "PUT")) == 1 + MAX_500_RETRIES
+    assert await real.events_with_body(room, body) == []
+
+
+async def test_token_only_in_authorization_header_on_every_endpoint(real: Real) -> None:
+    client = real.client
+    assert (await client.versions())["user_id"] == client.bot
+    localpart, ghost = real.ghost()
+    await client.register(localpart)
+    await client.set_displayname(ghost, "Ghost")
+    room, _ = await client.create_room(unique(f"{real.app.alias_prefix}ep"), invite=[ghost])
+    await client.join(room, ghost)
+    assert ghost in await client.joined_members(room)
+    mxc = await client.upload(b"png-ish bytes", "image/png", "a b.png")
+    assert await client.download(mxc) == b"png-ish bytes"
+    ev = await client.send(
+        room, "m.room.message", {"msgtype": "m.text", "body": "e"}, "t1", as_user=ghost, ts=TS + 6
+    )
+    await client.redact(room, ev, "t2", {"reason": "r"}, as_user=ghost)
+    assert [e["event_id"] for e in await client.timeline(room, types=["m.room.message"])] == [ev]
+    assert len(real.proxy.seen) >= 12
+    real.assert_token_only_in_header()
 
 
 async def test_connection_errors_retry_then_unreachable() -> None:
@@ -358,15 +556,3 @@ async def test_connection_errors_retry_then_unreachable() -> None:
             await client.fetch_url("file:///etc/passwd")
     finally:
         await client.close()
-
-
-async def test_register_and_room_in_use(fake_hs) -> None:
-    hs, client = fake_hs
-    hs.script = [(400, {"errcode": "M_USER_IN_USE", "error": "taken"}, {})]
-    assert await client.register("_bf_x") is False
-    hs.script = [
-        (400, {"errcode": "M_ROOM_IN_USE", "error": "alias taken"}, {}),
-        (200, {"room_id": "!existing:hs"}, {}),
-    ]
-    assert await client.create_room("_bf_net_p") == ("!existing:hs", False)
-    assert hs.seen[-1].path == "/_matrix/client/v3/directory/room/#_bf_net_p:hs"
