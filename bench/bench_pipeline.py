@@ -65,6 +65,27 @@ async def publish(bootstrap: str, topic: str, records: list[tuple[bytes, bytes]]
         await producer.stop()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (more stable than wall time on a busy box)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def backend_cpu_seconds(database: str) -> float:
+    """CPU time of the Postgres backends serving ``database`` (found by process title)."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes()
+            if b"postgres" in title and database.encode() in title:
+                total += cpu_seconds(int(proc.name))
+        except OSError:
+            continue
+    return total
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -74,7 +95,7 @@ def peak_rss_mb(pid: int) -> float:
 
 async def bench_pipeline(
     settings, records: list[tuple[bytes, bytes]], messages: int, workdir: Path
-) -> tuple[float, float]:
+) -> tuple[float, float, float, float]:
     cat = settings.catalog
     knobs = {k: v for k, v in os.environ.items() if k.startswith("BACKFLOW_PIPELINE_")}
     worker = Worker(settings, workdir / "worker.log", **knobs)
@@ -96,6 +117,9 @@ async def bench_pipeline(
                 raise SystemExit(f"worker did not start:\n{worker.log()[-3000:]}")
             await asyncio.sleep(0.2)
         await asyncio.sleep(1)
+        cpu0 = cpu_seconds(worker.proc.pid)
+        database = settings.database.url.rsplit("/", 1)[-1].split("?")[0]
+        pg0 = backend_cpu_seconds(database)
         started = time.monotonic()
         publisher = asyncio.create_task(publish(bootstrap, cat.history, records))
         sends = 0
@@ -116,9 +140,11 @@ async def bench_pipeline(
                     )
                     await producer.send(cat.portal_events, encode(created), key=r.key)
         elapsed = time.monotonic() - started
+        cpu = cpu_seconds(worker.proc.pid) - cpu0
+        pg_cpu = backend_cpu_seconds(database) - pg0
         await publisher
         rss = peak_rss_mb(worker.proc.pid)
-        return elapsed, rss
+        return elapsed, rss, cpu, pg_cpu
     finally:
         worker.stop()
         await consumer.stop()
@@ -183,7 +209,7 @@ async def main() -> None:
     await provision(settings.catalog, embedded=kafka)
     records = make_records(args.portals, args.per_portal)
     try:
-        pipe_s, rss = await bench_pipeline(settings, records, messages, workdir)
+        pipe_s, rss, cpu, pg_cpu = await bench_pipeline(settings, records, messages, workdir)
         pass_s = await bench_passthrough(settings, kafka, records)
     finally:
         await drop_database(admin, db)
@@ -196,6 +222,8 @@ async def main() -> None:
     print(f"raw aiokafka passthrough:                 {pass_s:6.2f}s  {pass_rate:9.0f} msgs/s")
     print(f"ratio pipeline/passthrough: {pipe_rate / pass_rate:.2f} (target >= 0.5)")
     print(f"worker peak RSS: {rss:.0f} MB")
+    print(f"worker CPU: {cpu:.2f}s ({cpu / messages * 1e6:.0f} us per message)")
+    print(f"Postgres backends' CPU: {pg_cpu:.2f}s ({pg_cpu / messages * 1e6:.0f} us per message)")
 
 
 if __name__ == "__main__":

@@ -207,19 +207,16 @@ class Runtime:
                     rows = await store.pending_sends(parts, after, self.flush_chunk)
                     if not rows:
                         break
-                    futures = []
-                    for r in rows:
-                        futures.append(
-                            await self.producer.send(
-                                self.catalog.matrix_commands,
-                                send_command(r["record"], r["seq"]),
-                                key=r["portal_key"].encode(),
-                                partition=r["partition"],
-                            )
+                    offsets = await self._produce_in_batches(
+                        (
+                            r["partition"],
+                            r["portal_key"].encode(),
+                            send_command(r["record"], r["seq"]),
                         )
-                    metas = await asyncio.gather(*futures)
+                        for r in rows
+                    )
                     await store.mark_produced(
-                        [], [(r["portal_key"], r["seq"]) for r in rows], _next_offsets(metas)
+                        [], [(r["portal_key"], r["seq"]) for r in rows], offsets
                     )
                     produced += len(rows)
                     after = (rows[-1]["portal_key"], rows[-1]["seq"])
@@ -231,6 +228,60 @@ class Runtime:
                 log.warning("outbox flush failed, will retry: %r", exc)
             self.stats["produced"] += produced
             return produced
+
+    async def _produce_in_batches(
+        self, commands: Iterable[tuple[int, bytes, bytes]]
+    ) -> dict[int, int]:
+        """Produce ``(partition, key, value)`` commands in order; the next offset per partition.
+
+        Fills one aiokafka batch per partition and submits it when full
+        (``send_batch``), instead of a ``send`` with its own future per
+        command. Batches of a partition are queued in submission order and
+        the producer is idempotent, so each partition's order is kept.
+        """
+        topic = self.catalog.matrix_commands
+        producer = self.producer
+        builders: dict[int, Any] = {}
+        counts: dict[int, int] = {}
+        pending: list[tuple[Any, int]] = []  # (future, records in its batch; 0: single send)
+        for partition, key, value in commands:
+            builder = builders.get(partition)
+            if builder is None:
+                builder = builders[partition] = producer.create_batch()
+                counts[partition] = 0
+            if builder.append(key=key, value=value, timestamp=None) is not None:
+                counts[partition] += 1
+                continue
+            if counts[partition]:  # full: submit it and start the next one
+                pending.append(
+                    (
+                        await producer.send_batch(builder, topic, partition=partition),
+                        counts[partition],
+                    )
+                )
+                builder = builders[partition] = producer.create_batch()
+                counts[partition] = 0
+                if builder.append(key=key, value=value, timestamp=None) is not None:
+                    counts[partition] += 1
+                    continue
+            # Bigger than a batch on its own: after what is queued, by itself.
+            del builders[partition]
+            pending.append((await producer.send(topic, value, key=key, partition=partition), 0))
+        for partition, builder in builders.items():
+            if counts[partition]:
+                pending.append(
+                    (
+                        await producer.send_batch(builder, topic, partition=partition),
+                        counts[partition],
+                    )
+                )
+        metas = await asyncio.gather(*(future for future, _ in pending))
+        offsets: dict[int, int] = {}
+        for meta, (_, count) in zip(metas, pending, strict=True):
+            # A batch's metadata carries its base offset; a single send its own.
+            end = meta.offset + (count or 1)
+            offsets[meta.partition] = max(offsets.get(meta.partition, 0), end)
+        return offsets
 
     # ------------------------------------------------------------ records
 
@@ -244,13 +295,13 @@ class Runtime:
             msg = event.message
             raw = event.value if isinstance(event.value, bytes) else b""
             kind = self.kinds.get(msg.topic, "history")
-            source = f"{msg.topic}[{msg.partition}]@{msg.offset}"
-            key = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else None
             try:
                 record = decode(raw)
                 if record.TYPE not in ALLOWED[kind]:
                     raise RecordError("type", f"a {record.TYPE!r} record does not belong here")
             except RecordError as exc:
+                source = f"{msg.topic}[{msg.partition}]@{msg.offset}"
+                key = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else None
                 letters.append(bus.dead_letter(STAGE, str(exc), raw, source=source, key=key))
                 continue
             items.append(Incoming(record, kind, msg.partition, msg.offset, raw))
@@ -360,6 +411,71 @@ def _shorten_fetch_wait(app: faust.App, wait_ms: int = 50) -> None:
         fetcher._fetch_max_wait_ms = wait_ms
     else:
         log.warning("cannot tune the consumer's fetch wait (faust internals changed)")
+
+
+async def _resume(coro: Any, waiting: Any) -> Any:
+    """Finish a coroutine that was stepped by hand and is now waiting on ``waiting``.
+
+    Does what an asyncio Task would do from there: wait for the future the
+    coroutine yielded (``None``: a bare yield), then step it again; a
+    cancellation while waiting is thrown into it.
+    """
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # What Task.__step does with a yielded future before waiting on it.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except asyncio.CancelledError as exc:
+            step, arg = coro.throw, exc
+        except BaseException:  # noqa: BLE001 - the coroutine reads it from its future
+            step, arg = coro.send, None
+        else:
+            step, arg = coro.send, None
+        try:
+            waiting = step(arg)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _fast_delivery(app: faust.App) -> None:
+    """Deliver each fetched record without faust's per-record ``wait_first``.
+
+    faust's fetch loop hands every record to the streams with
+    ``await self.wait_first(callback(message), self.suspend_flow.wait())``,
+    which creates four tasks (callback, suspend flag, stopped and crashed
+    flags) plus an ``asyncio.wait`` per record, only to be able to give up
+    when the flow is suspended (rebalance) while the callback waits for room
+    in a full stream buffer. Almost always the callback completes without
+    waiting: step it by hand first, and only when it does have to wait (or the
+    flow is suspended) fall back to faust's ``wait_first`` for the rest.
+    """
+    consumer = app.consumer
+    if getattr(consumer, "_backflow_fast_delivery", False):
+        return
+    original = consumer.wait_first
+    suspended = consumer.suspend_flow.is_set
+
+    async def wait_first(*coros: Any, timeout: Any = None) -> Any:
+        if len(coros) != 2 or timeout is not None or not asyncio.iscoroutine(coros[0]):
+            return await original(*coros, timeout=timeout)
+        deliver, suspend = coros
+        if suspended():
+            return await original(deliver, suspend)
+        try:
+            waiting = deliver.send(None)
+        except StopIteration:
+            suspend.close()
+            return None  # faust's fetch loop ignores the result
+        except BaseException:
+            suspend.close()
+            raise
+        return await original(_resume(deliver, waiting), suspend)
+
+    consumer.wait_first = wait_first
+    consumer._backflow_fast_delivery = True
 
 
 # Group errors after which rejoining cannot help: crash the worker (exit != 0).
@@ -511,6 +627,7 @@ def register(app: faust.App, settings: Settings, *, flush_chunk: int = 5000) -> 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: set[TopicPartition], **_: Any) -> None:
         _shorten_fetch_wait(app)
+        _fast_delivery(app)
         await runtime.on_assigned({tp.partition for tp in assigned if tp.topic in source_names})
 
     @app.on_partitions_revoked.connect

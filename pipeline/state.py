@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import asyncpg
+import orjson
 
 from backflow.settings import BackfillSettings
 from pipeline import policy
 from topics.codec import decode, encode
 from topics.records import (
+    Content,
     CreateRoom,
     HistoryComplete,
     NetworkMessage,
     PortalInfo,
     RoomCreated,
+    Sender,
     SyncComplete,
 )
 
@@ -240,36 +243,36 @@ class Store:
                     live,
                     m.content.kind,
                     m.content.target,
-                    encode(m),
+                    encode_message(m),
                 ),
                 strict=True,
             ):
                 col.append(value)
+        # One round trip: insert, raise the portals' newest_ts from the rows
+        # actually inserted, and return only the new live rows (history waits
+        # for HistoryComplete, so nothing else needs the inserted rows).
         inserted = await conn.fetch(
             """
-            INSERT INTO pipeline_message
-                (portal_key, msg_id, part, ts, ord, live, kind, target, record)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[],
-                                 $5::bigint[], $6::bool[], $7::text[], $8::text[],
-                                 $9::bytea[])
-            ON CONFLICT DO NOTHING
-            RETURNING portal_key, msg_id, part, ts, ord, live, kind, target
+            WITH ins AS (
+                INSERT INTO pipeline_message
+                    (portal_key, msg_id, part, ts, ord, live, kind, target, record)
+                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[],
+                                     $5::bigint[], $6::bool[], $7::text[], $8::text[],
+                                     $9::bytea[])
+                ON CONFLICT DO NOTHING
+                RETURNING portal_key, msg_id, part, ts, ord, live, kind, target
+            ), newest AS (
+                UPDATE pipeline_portal p SET newest_ts = greatest(p.newest_ts, n.ts),
+                       updated_at = now()
+                FROM (SELECT portal_key, max(ts) AS ts FROM ins GROUP BY portal_key) n
+                WHERE p.key = n.portal_key
+            )
+            SELECT * FROM ins WHERE live
             """,
             *cols,
         )
         if not inserted:
             return
-        await conn.execute(
-            """
-            UPDATE pipeline_portal p SET newest_ts = greatest(p.newest_ts, n.ts),
-                   updated_at = now()
-            FROM (SELECT k, max(t) AS ts FROM unnest($1::text[], $2::bigint[]) AS u(k, t)
-                  GROUP BY k) n
-            WHERE p.key = n.k
-            """,
-            [r["portal_key"] for r in inserted],
-            [r["ts"] for r in inserted],
-        )
         # Live messages: forward at once into an existing room, or request
         # the room (a live message always does, whatever the sync ranking).
         forward: dict[str, list[policy.Held]] = {}
@@ -717,3 +720,29 @@ def send_command(record: bytes, seq: int) -> bytes:
     Built by concatenation so the flush never decodes and re-encodes a body.
     """
     return b'{"type":"send","message":' + record + b',"seq":' + str(seq).encode() + b"}"
+
+
+_MESSAGE_FIELDS = tuple(f.name for f in fields(NetworkMessage))
+_NESTED_FIELDS = {
+    "sender": tuple(f.name for f in fields(Sender)),
+    "content": tuple(f.name for f in fields(Content)),
+}
+
+
+def encode_message(m: NetworkMessage) -> bytes:
+    """``codec.encode(m)`` for a message, byte for byte, without the generic walk.
+
+    ``codec.to_dict`` inspects every field of every record; a message's shape
+    is fixed (scalars plus the flat ``sender`` and ``content`` objects), so the
+    dict is built straight from precomputed field names, unset fields left out.
+    """
+    out: dict[str, object] = {"type": NetworkMessage.TYPE}
+    for name in _MESSAGE_FIELDS:
+        value = getattr(m, name)
+        if value is None:
+            continue
+        nested = _NESTED_FIELDS.get(name)
+        if nested is not None:
+            value = {n: v for n in nested if (v := getattr(value, n)) is not None}
+        out[name] = value
+    return orjson.dumps(out)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
+
+import pytest
+
 from pipeline import policy
 from pipeline.policy import Held, live_decision, plan_release, rank_portals
-from pipeline.state import send_command
+from pipeline.processors import _resume
+from pipeline.state import encode_message, send_command
 from tests.pipeline_support import msg
-from topics.codec import encode
-from topics.records import SendMessage
+from topics.codec import decode, encode
+from topics.records import Content, Sender, SendMessage
 
 
 def h(mid: str, ts: int, ord: int = 0, **kw: object) -> Held:
@@ -102,3 +108,61 @@ def test_rank_portals_newest_first_ties_by_key() -> None:
 def test_send_command_bytes_match_the_codec() -> None:
     m = msg("p", "m1", 1_700_000_000_000)
     assert send_command(encode(m), 42) == encode(SendMessage(message=m, seq=42))
+
+
+def test_encode_message_bytes_match_the_codec() -> None:
+    plain = msg("p", "m1", 1_700_000_000_000)
+    media = replace(
+        plain,
+        content=Content(
+            kind="media", media_type="image", url="mxc://x/y", size=3, width=1, height=2
+        ),
+        sender=Sender(id="bob"),
+        history=False,
+        part=2,
+        reply_to="m0",
+        thread="t",
+    )
+    located = replace(plain, content=Content(kind="location", lat=1.5, lon=-2.25, body="here"))
+    cases = [plain, media, located] + [
+        msg("p", f"d{k}", 1_700_000_000_001, kind=k, target="m1")
+        for k in ("reaction", "edit", "redaction")
+    ]
+    for m in cases:
+        assert encode_message(m) == encode(m)
+        assert decode(encode_message(m)) == m
+
+
+def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
+    """pipeline.processors._resume (fast delivery): result, error and cancellation."""
+
+    async def waits(delay: float, fail: bool = False) -> int:
+        await asyncio.wait([asyncio.ensure_future(asyncio.sleep(delay))])
+        await asyncio.sleep(0)  # a bare yield
+        if fail:
+            raise ValueError("boom")
+        return 42
+
+    async def started(coro):  # type: ignore[no-untyped-def]
+        return asyncio.ensure_future(_resume(coro, coro.send(None)))
+
+    async def main() -> None:
+        assert await (await started(waits(0.01))) == 42
+        with pytest.raises(ValueError):
+            await (await started(waits(0.01, fail=True)))
+        cleaned: list[bool] = []
+
+        async def cancellable() -> None:
+            try:
+                await asyncio.sleep(10)
+            finally:
+                cleaned.append(True)
+
+        task = await started(cancellable())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert cleaned == [True]
+
+    asyncio.run(main())
