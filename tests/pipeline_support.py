@@ -180,8 +180,12 @@ async def publish(
         await producer.stop()
 
 
-class FakeSink:
-    """Reads every matrix command (whole topic, all partitions) and answers CreateRoom.
+class CommandDriver:
+    """Drives the pipeline from the command side, as the sink's protocol does.
+
+    Reads every matrix command (whole topic, all partitions, real broker) and
+    answers CreateRoom with RoomCreated, so pipeline tests can assert the exact
+    command stream without a homeserver; the sink's own tests cover Matrix.
 
     ``existing`` maps a portal key to the ``last_bridged_ts`` of a room that
     already existed; ``auto`` = False leaves CreateRoom unanswered.
@@ -198,7 +202,7 @@ class FakeSink:
         self._producer: AIOKafkaProducer | None = None
         self.answered: set[str] = set()
 
-    async def __aenter__(self) -> FakeSink:
+    async def __aenter__(self) -> CommandDriver:
         cat = self.settings.catalog
         self._consumer = AIOKafkaConsumer(
             bootstrap_servers=self.settings.kafka.bootstrap,

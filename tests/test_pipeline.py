@@ -18,7 +18,7 @@ from backflow.settings import Settings
 from pipeline.status import portal_status
 from tests.pipeline_support import (
     BASE_TS,
-    FakeSink,
+    CommandDriver,
     Worker,
     done,
     info,
@@ -35,7 +35,7 @@ from topics.records import RoomCreated
 @pytest.fixture(scope="module")
 async def shared(
     kafka: Any, pg_admin: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[tuple[Settings, Worker, FakeSink]]:
+) -> AsyncIterator[tuple[Settings, Worker, CommandDriver]]:
     """One worker with caps (initial 20, catch-up 4) and a sink answering CreateRoom."""
     tmp = tmp_path_factory.mktemp("pipeline")
     settings = await pipeline_settings(
@@ -45,12 +45,12 @@ async def shared(
         **{"backfill.max_initial_messages": 20, "backfill.max_catchup_messages": 4},
     )
     worker = Worker(settings, tmp / "worker.log")
-    async with FakeSink(settings) as sink:
+    async with CommandDriver(settings) as sink:
         yield settings, worker, sink
     worker.stop()
 
 
-async def test_shuffled_history_released_in_order(shared: tuple[Settings, Worker, FakeSink]):
+async def test_shuffled_history_released_in_order(shared: tuple[Settings, Worker, CommandDriver]):
     settings, worker, sink = shared
     portal = unique("order")
     key = f"testnet:{portal}"
@@ -73,7 +73,7 @@ async def status_of(settings: Settings, key: str) -> dict[str, Any]:
     return rows[0]
 
 
-async def test_caps_and_dependents(shared: tuple[Settings, Worker, FakeSink]):
+async def test_caps_and_dependents(shared: tuple[Settings, Worker, CommandDriver]):
     settings, worker, sink = shared
     portal = unique("cap")
     key = f"testnet:{portal}"
@@ -99,7 +99,7 @@ async def test_caps_and_dependents(shared: tuple[Settings, Worker, FakeSink]):
     assert len(sink.creates(key)) == 1
 
 
-async def test_catch_up_into_existing_room(shared: tuple[Settings, Worker, FakeSink]):
+async def test_catch_up_into_existing_room(shared: tuple[Settings, Worker, CommandDriver]):
     settings, worker, sink = shared
     portal = unique("catch")
     key = f"testnet:{portal}"
@@ -129,7 +129,7 @@ async def test_catch_up_into_existing_room(shared: tuple[Settings, Worker, FakeS
     assert st["dropped"] == {"before_last_bridged": 4, "cap": 4}
 
 
-async def test_live_message_requests_the_room(shared: tuple[Settings, Worker, FakeSink]):
+async def test_live_message_requests_the_room(shared: tuple[Settings, Worker, CommandDriver]):
     settings, worker, sink = shared
     portal = unique("live")
     key = f"testnet:{portal}"
@@ -155,7 +155,7 @@ async def test_live_message_requests_the_room(shared: tuple[Settings, Worker, Fa
     assert sink.sent_ids(key) == ["l0", "l1", "l2"]
 
 
-async def test_malformed_records_reach_dead_letters(shared: tuple[Settings, Worker, FakeSink]):
+async def test_malformed_records_reach_dead_letters(shared: tuple[Settings, Worker, CommandDriver]):
     settings, worker, sink = shared
     portal = unique("dl")
     key = f"testnet:{portal}"

@@ -14,7 +14,7 @@ from pipeline.status import portal_status
 from tests.pipeline_support import (
     BASE_TS,
     LATE_FIRST_SYNC_WORKER,
-    FakeSink,
+    CommandDriver,
     Worker,
     done,
     info,
@@ -42,7 +42,7 @@ async def test_max_initial_conversations_and_room_on_live(
     records += [done(p, sync=sync) for p in portals]
     worker = Worker(settings, tmp_path / "worker.log")
     try:
-        async with FakeSink(settings) as sink:
+        async with CommandDriver(settings) as sink:
             # Every portal's history is complete, but the sync is not yet.
             await publish(settings, settings.catalog.history, records)
             await asyncio.sleep(3)
@@ -99,7 +99,7 @@ async def test_sigkill_mid_release_then_restart_exactly_once(
         return sum(len(sink.sends(f"testnet:{p}")) for p in portals)
 
     worker = Worker(settings, tmp_path / "w1.log", **env)
-    async with FakeSink(settings) as sink:
+    async with CommandDriver(settings) as sink:
         await publish(settings, settings.catalog.history, records)
         await sink.wait_for(lambda: sent() >= 1, workers=(worker,))
         worker.kill()
@@ -131,7 +131,7 @@ def _split(w1: Worker, w2: Worker) -> bool:
 
 
 async def _start_pair(
-    settings: Any, tmp_path: Path, sink: FakeSink, *, code: str | None = None
+    settings: Any, tmp_path: Path, sink: CommandDriver, *, code: str | None = None
 ) -> tuple[Worker, Worker]:
     """Start two workers one after the other and wait until they split the partitions.
 
@@ -164,7 +164,7 @@ async def test_worker_rejoins_after_a_failed_sync(
     """
     settings = await pipeline_settings(kafka, pg_admin, tmp_path)
     delay = LEADER_SYNC_DELAY + 1.0
-    async with FakeSink(settings) as sink:
+    async with CommandDriver(settings) as sink:
         w1, w2 = await _start_pair(
             settings, tmp_path, sink, code=LATE_FIRST_SYNC_WORKER.format(delay=delay)
         )
@@ -187,7 +187,7 @@ async def test_two_workers_split_partitions_and_take_over(
     w1: Worker | None = None
     w2: Worker | None = None
     try:
-        async with FakeSink(settings) as sink:
+        async with CommandDriver(settings) as sink:
             w1, w2 = await _start_pair(settings, tmp_path, sink)
             a, b = _owned(w1), _owned(w2)
             await publish(
