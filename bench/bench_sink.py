@@ -8,7 +8,9 @@ three ways into fresh rooms and prints events/s and ratios:
   patterns (room-major bursts, which Synapse persists in per-room batches, and
   shuffled rooms); the room-major rate is the homeserver's ingest limit;
 * sink: backflow's sink consuming commands from Kafka (ordered per room,
-  durable map, intents, settle-on-retry), ``--rooms-in-flight`` rooms at once.
+  durable map, intents, settle-on-retry), ``--rooms-in-flight`` rooms at once
+  (a comma-separated list measures one sink run per value, each into fresh
+  rooms).
   An ordered sender has one request per room in flight, so it can never get
   Synapse's same-room batching: compare it with both unordered patterns;
 * sequential: one PUT at a time, like today's bridges backfilling a portal
@@ -17,7 +19,12 @@ three ways into fresh rooms and prints events/s and ratios:
 Room creation and ghost joins are done before timing for all three; the sink
 is timed from its first consumed message command to its last send.
 
+Synapse's own database is ``--synapse-db``: ``postgres`` (a fresh database on
+the local server, as production homeservers run; the default when
+127.0.0.1:5432 answers) or ``sqlite`` (Synapse's file database).
+
     .venv/bin/python bench/bench_sink.py [--portals 50] [--messages 200]
+        [--synapse-db postgres|sqlite] [--rooms-in-flight 16[,32,50]]
 """
 
 from __future__ import annotations
@@ -36,8 +43,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backflow import bus  # noqa: E402
 from backflow.settings import load  # noqa: E402
 from backflow.stack.kafka import EmbeddedKafka  # noqa: E402
-from backflow.stack.postgres import create_database, resolve_admin_url  # noqa: E402
-from backflow.stack.synapse import Synapse, default_appservice  # noqa: E402
+from backflow.stack.postgres import (  # noqa: E402
+    LOCAL_URL,
+    create_database,
+    drop_database,
+    resolve_admin_url,
+    server_answers,
+)
+from backflow.stack.synapse import (  # noqa: E402
+    Synapse,
+    create_synapse_database,
+    default_appservice,
+)
 from connectors.matrix.client import MatrixClient  # noqa: E402
 from connectors.matrix.ghosts import ghost_localpart  # noqa: E402
 from connectors.matrix.sink import run_sink  # noqa: E402
@@ -163,19 +180,37 @@ async def main() -> None:
     parser.add_argument("--portals", type=int, default=50)
     parser.add_argument("--messages", type=int, default=200)
     parser.add_argument("--concurrency", type=int, default=16, help="unordered sender")
-    parser.add_argument("--rooms-in-flight", type=int, default=16, help="sink")
+    parser.add_argument(
+        "--rooms-in-flight",
+        type=lambda v: [int(x) for x in v.split(",")],
+        default=[16],
+        help="sink; comma-separated values are each measured (e.g. 16,32,50)",
+    )
     parser.add_argument("--sequential-sample", type=int, default=1000)
+    parser.add_argument(
+        "--synapse-db",
+        choices=("sqlite", "postgres"),
+        default=None,
+        help="Synapse's database (default: postgres if 127.0.0.1:5432 answers, else sqlite)",
+    )
     args = parser.parse_args()
+    if args.synapse_db is None:
+        args.synapse_db = "postgres" if await server_answers(LOCAL_URL) else "sqlite"
 
     work = Path(tempfile.mkdtemp(prefix="bench-sink-"))
     appservice = default_appservice()
-    synapse = Synapse(work / "synapse", appservices=[appservice])
     kafka = EmbeddedKafka()
-    print(f"starting Synapse, broker and database in {work} ...", flush=True)
-    synapse.start()
+    print(f"starting Synapse ({args.synapse_db}), broker and database in {work} ...", flush=True)
     admin, embedded_pg = await resolve_admin_url(None, work)
+    suffix = uuid.uuid4().hex[:8]
+    bench_db, synapse_db = f"bench_{suffix}", f"bench_synapse_{suffix}"
+    synapse_db_url = None
+    if args.synapse_db == "postgres":
+        synapse_db_url = await create_synapse_database(admin, synapse_db)
+    synapse = Synapse(work / "synapse", appservices=[appservice], database_url=synapse_db_url)
     try:
-        db_url = await create_database(admin, f"bench_{uuid.uuid4().hex[:8]}")
+        synapse.start()
+        db_url = await create_database(admin, bench_db)
         registration = work / "registration.yaml"
         import yaml
 
@@ -189,7 +224,7 @@ async def main() -> None:
                 "homeserver.url": synapse.url,
                 "homeserver.server_name": synapse.server_name,
                 "appservice.registration": str(registration),
-                "sink.max_rooms_in_flight": args.rooms_in_flight,
+                "sink.max_rooms_in_flight": args.rooms_in_flight[0],
                 "state_dir": str(work / "state"),
             }
         )
@@ -211,25 +246,49 @@ async def main() -> None:
                 rates[name] = await unordered(
                     client, rooms_u, args.messages, args.concurrency, shuffle
                 )
-            print(f"sink: {total} events, {args.rooms_in_flight} rooms in flight", flush=True)
-            s_rate, sent = await sink_run(settings, args.portals, args.messages)
-            assert sent == total, f"sink sent {sent} of {total}"
+            sink_rates: dict[int, float] = {}
+            for rif in args.rooms_in_flight:
+                print(f"sink: {total} events, {rif} rooms in flight", flush=True)
+                s_rate, sent = await sink_run(
+                    settings.with_overrides({"sink.max_rooms_in_flight": rif}),
+                    args.portals,
+                    args.messages,
+                )
+                assert sent == total, f"sink sent {sent} of {total}"
+                sink_rates[rif] = s_rate
             rooms_s = await make_rooms(client, appservice.user_prefix, "s", args.portals)
             print(f"sequential: {args.sequential_sample} events ...", flush=True)
             q_rate = await sequential(client, rooms_s, args.sequential_sample)
         u_rate, r_rate = rates["room-major"], rates["shuffled"]
         print()
-        print(f"backfill {args.portals} portals x {args.messages} messages into Synapse")
-        print(f"  unordered, room-major burst : {u_rate:8.1f} events/s (homeserver ingest limit)")
-        print(f"  unordered, shuffled rooms   : {r_rate:8.1f} events/s")
-        print(f"  backflow sink (ordered)     : {s_rate:8.1f} events/s")
-        print(f"  sequential sender           : {q_rate:8.1f} events/s (today's bridges)")
-        print(f"  sink / unordered room-major : {s_rate / u_rate:8.0%}  (target >= 80%)")
-        print(f"  sink / unordered shuffled   : {s_rate / r_rate:8.0%}")
-        print(f"  sink / sequential           : {s_rate / q_rate:8.1f}x")
+        print(
+            f"backfill {args.portals} portals x {args.messages} messages into Synapse "
+            f"on {args.synapse_db}; unordered: {args.concurrency} requests in flight"
+        )
+        rows = [
+            ("unordered, room-major burst", f"{u_rate:8.1f} events/s (homeserver ingest limit)"),
+            ("unordered, shuffled rooms", f"{r_rate:8.1f} events/s"),
+        ]
+        rows += [
+            (f"backflow sink, {rif} rooms", f"{s_rate:8.1f} events/s (ordered)")
+            for rif, s_rate in sink_rates.items()
+        ]
+        rows.append(("sequential sender", f"{q_rate:8.1f} events/s (today's bridges)"))
+        for rif, s_rate in sink_rates.items():
+            rows += [
+                (f"sink({rif}) / room-major", f"{s_rate / u_rate:8.0%}  (target >= 80%)"),
+                (f"sink({rif}) / shuffled", f"{s_rate / r_rate:8.0%}"),
+                (f"sink({rif}) / sequential", f"{s_rate / q_rate:8.1f}x"),
+            ]
+        for label, value in rows:
+            print(f"  {label:<28}: {value}")
     finally:
         synapse.stop()
         kafka.close()
+        if synapse_db_url is not None:
+            await drop_database(admin, synapse_db)
+        if "db_url" in locals():
+            await drop_database(admin, bench_db)
         if embedded_pg is not None:
             embedded_pg.stop()
 

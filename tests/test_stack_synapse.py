@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Iterator
@@ -10,8 +11,16 @@ from urllib.parse import quote
 
 import aiohttp
 import pytest
+import yaml
 
-from backflow.stack.synapse import Appservice, Synapse, default_appservice
+from backflow.stack.postgres import drop_database
+from backflow.stack.synapse import (
+    Appservice,
+    Synapse,
+    create_synapse_database,
+    default_appservice,
+    postgres_database_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +159,36 @@ async def test_rate_limited_appservice_gets_429(hs: Synapse) -> None:
                     return
                 assert resp.status == 200, await resp.text()
     pytest.fail("no 429 from a rate-limited appservice")
+
+
+async def test_synapse_on_postgres(pg_admin: str, tmp_path: Path) -> None:
+    # Production homeservers run on PostgreSQL: the runner can too (bench --synapse-db).
+    name = f"synapse_{uuid.uuid4().hex[:8]}"
+    url = await create_synapse_database(pg_admin, name)
+    hs = Synapse(tmp_path, appservices=[default_appservice()], database_url=url)
+    try:
+        started = time.monotonic()
+        await asyncio.to_thread(hs.start, 15)
+        assert time.monotonic() - started < 15
+        config = yaml.safe_load(hs.config_path.read_text())
+        assert config["database"]["name"] == "psycopg2"
+        assert config["database"]["args"]["database"] == name
+        async with aiohttp.ClientSession() as s:
+            async with s.get(f"{hs.url}/_matrix/client/versions") as resp:
+                assert resp.status == 200 and "versions" in await resp.json()
+    finally:
+        await asyncio.to_thread(hs.stop)
+        await drop_database(pg_admin, name)
+
+
+def test_postgres_database_config() -> None:
+    db = postgres_database_config("postgresql://u:p%40ss@db.local:5433/syn")
+    assert db == {
+        "name": "psycopg2",
+        "args": {
+            "user": "u", "password": "p@ss", "database": "syn", "host": "db.local",
+            "port": 5433, "cp_min": 5, "cp_max": 10,
+        },
+    }
+    socket_db = postgres_database_config("postgresql://postgres@/syn?host=/run/pg")
+    assert socket_db["args"]["host"] == "/run/pg" and "password" not in socket_db["args"]
