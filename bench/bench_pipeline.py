@@ -125,7 +125,7 @@ async def bench_pipeline(
         sends = 0
         while sends < messages:
             if not worker.alive():
-                raise SystemExit(f"worker died:\n{worker.log()[-3000:]}")
+                raise SystemExit(f"worker died:\n{first_error(worker.log())}")
             if time.monotonic() - started > 600:
                 raise SystemExit(f"pipeline timed out after {sends} sends")
             batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
@@ -183,6 +183,12 @@ async def bench_passthrough(
     finally:
         await consumer.stop()
         await producer.stop()
+
+
+def first_error(log: str) -> str:
+    """The first traceback of a worker log (the cause), else its tail."""
+    at = log.find("Traceback")
+    return log[at : at + 5000] if at >= 0 else log[-3000:]
 
 
 async def main() -> None:
