@@ -133,6 +133,18 @@ async def make_settings(
     return settings, db
 
 
+async def _isolated(
+    kafka: EmbeddedKafka | str,
+    pg_admin: str,
+    synapse: Synapse,
+    appservice: Appservice,
+    tmp_path: Path,
+) -> AsyncIterator[Settings]:
+    settings, db = await make_settings(kafka, pg_admin, synapse, appservice, tmp_path)
+    yield settings
+    await drop_database(pg_admin, db)
+
+
 @pytest.fixture
 async def stack(
     kafka: EmbeddedKafka | str,
@@ -142,9 +154,8 @@ async def stack(
     tmp_path: Path,
 ) -> AsyncIterator[Settings]:
     """Settings wired to the real services, isolated for this test."""
-    settings, db = await make_settings(kafka, pg_admin, synapse, appservices["free"], tmp_path)
-    yield settings
-    await drop_database(pg_admin, db)
+    async for settings in _isolated(kafka, pg_admin, synapse, appservices["free"], tmp_path):
+        yield settings
 
 
 @pytest.fixture
@@ -156,6 +167,5 @@ async def limited_stack(
     tmp_path: Path,
 ) -> AsyncIterator[Settings]:
     """Like `stack`, but the appservice's ghosts are rate limited by Synapse."""
-    settings, db = await make_settings(kafka, pg_admin, synapse, appservices["limited"], tmp_path)
-    yield settings
-    await drop_database(pg_admin, db)
+    async for settings in _isolated(kafka, pg_admin, synapse, appservices["limited"], tmp_path):
+        yield settings

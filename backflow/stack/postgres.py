@@ -94,15 +94,18 @@ def database_url(admin_url: str, name: str) -> str:
     return urlunsplit(parts._replace(path=f"/{name}"))
 
 
-async def create_database(admin_url: str, name: str) -> str:
-    """Create database ``name`` (no-op if it exists) and return its URL."""
+async def create_database(admin_url: str, name: str, options: str = "") -> str:
+    """Create database ``name`` (no-op if it exists) and return its URL.
+
+    ``options`` is appended to CREATE DATABASE (e.g. Synapse's collation needs).
+    """
     _check_name(name)
     conn = await asyncpg.connect(admin_url)
     try:
         exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
         if not exists:
             try:
-                await conn.execute(f'CREATE DATABASE "{name}"')
+                await conn.execute(f'CREATE DATABASE "{name}" {options}'.rstrip())
             except asyncpg.DuplicateDatabaseError:
                 pass  # created concurrently
     finally:

@@ -175,25 +175,11 @@ async def create_synapse_database(admin_url: str, name: str) -> str:
     Synapse refuses a database whose collation is not C (``ENCODING 'UTF8'
     LC_COLLATE='C' LC_CTYPE='C'``, from ``template0``). A no-op if it exists.
     """
-    import asyncpg
+    from backflow.stack.postgres import create_database
 
-    from backflow.stack.postgres import _check_name, database_url
-
-    _check_name(name)
-    conn = await asyncpg.connect(admin_url)
-    try:
-        exists = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
-        if not exists:
-            try:
-                await conn.execute(
-                    f"CREATE DATABASE \"{name}\" ENCODING 'UTF8' LC_COLLATE='C' "
-                    "LC_CTYPE='C' TEMPLATE=template0"
-                )
-            except asyncpg.DuplicateDatabaseError:
-                pass  # created concurrently
-    finally:
-        await conn.close()
-    return database_url(admin_url, name)
+    return await create_database(
+        admin_url, name, "ENCODING 'UTF8' LC_COLLATE='C' LC_CTYPE='C' TEMPLATE=template0"
+    )
 
 
 class Synapse:
@@ -255,13 +241,22 @@ class Synapse:
         tmp = self.state_dir / "generated.yaml.tmp"
         result = subprocess.run(
             [
-                sys.executable, "-m", "synapse.app.homeserver",
-                "--server-name", self.server_name,
-                "--config-path", str(tmp),
-                "--data-directory", str(self.state_dir),
-                "--generate-config", "--report-stats=no",
+                sys.executable,
+                "-m",
+                "synapse.app.homeserver",
+                "--server-name",
+                self.server_name,
+                "--config-path",
+                str(tmp),
+                "--data-directory",
+                str(self.state_dir),
+                "--generate-config",
+                "--report-stats=no",
             ],
-            cwd=self.state_dir, capture_output=True, text=True, timeout=120,
+            cwd=self.state_dir,
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         if result.returncode != 0:
             raise SynapseError(f"synapse --generate-config failed:\n{result.stderr[-3000:]}")
@@ -369,9 +364,7 @@ class Synapse:
                 pass
             if time.monotonic() > deadline:
                 self.stop()
-                raise SynapseError(
-                    f"Synapse not ready after {timeout:.0f}s:\n{self.log_tail()}"
-                )
+                raise SynapseError(f"Synapse not ready after {timeout:.0f}s:\n{self.log_tail()}")
             time.sleep(0.2)
 
     def stop(self, timeout: float = 20) -> None:
