@@ -204,9 +204,14 @@ class Runtime:
                     produced += len(rooms)
                 after: tuple[str, int] = ("", -1)
                 while True:
-                    rows = await store.pending_sends(parts, after, self.flush_chunk)
-                    if not rows:
+                    page = await store.pending_sends(parts, after, self.flush_chunk)
+                    if not page:
                         break
+                    # The cursor passes other workers' rows; only ours are produced.
+                    after = (page[-1]["portal_key"], page[-1]["seq"])
+                    rows = [r for r in page if r["owned"]]
+                    if not rows:
+                        continue
                     offsets = await self._produce_in_batches(
                         (
                             r["partition"],
@@ -219,7 +224,6 @@ class Runtime:
                         [], [(r["portal_key"], r["seq"]) for r in rows], offsets
                     )
                     produced += len(rows)
-                    after = (rows[-1]["portal_key"], rows[-1]["seq"])
                 await store.settle_backfilling(parts)
             except Exception as exc:  # noqa: BLE001 - retried by the next flush
                 # Some records of the failed round may be in the log: read it

@@ -620,16 +620,27 @@ class Store:
     async def pending_sends(
         self, partitions: Sequence[int], after: tuple[str, int], limit: int
     ) -> list[asyncpg.Record]:
-        """Released, not yet produced commands in (portal, seq) order, keyset-paged."""
+        """The next page of released, not yet produced commands, in (portal, seq) order.
+
+        The page is read from the outbox partial index alone (only unproduced
+        commands are in it), *then* joined to the portals: filtering on the
+        portal's partition inside the page query let the planner (the tables
+        are seldom analyzed) pick a seq scan of every message row plus a sort,
+        per page, so a flush cost grew with all rows ever held. A page may hold
+        commands of partitions not in ``partitions`` (another worker's): the
+        caller skips them but still advances its cursor past the last row.
+        """
         async with self.pool.acquire() as conn:
             return await conn.fetch(
                 """
-                SELECT m.portal_key, m.seq, m.record, p.partition
-                FROM pipeline_message m JOIN pipeline_portal p ON p.key = m.portal_key
-                WHERE m.seq IS NOT NULL AND NOT m.produced
-                  AND p.partition = ANY($1::int[])
-                  AND (m.portal_key, m.seq) > ($2, $3)
-                ORDER BY m.portal_key, m.seq LIMIT $4
+                SELECT m.portal_key, m.seq, m.record, p.partition,
+                       p.partition = ANY($1::int[]) AS owned
+                FROM (SELECT portal_key, seq, record FROM pipeline_message
+                      WHERE seq IS NOT NULL AND NOT produced
+                        AND (portal_key, seq) > ($2, $3)
+                      ORDER BY portal_key, seq LIMIT $4) m
+                JOIN pipeline_portal p ON p.key = m.portal_key
+                ORDER BY m.portal_key, m.seq
                 """,
                 list(partitions),
                 after[0],
@@ -670,8 +681,9 @@ class Store:
                     """
                     UPDATE pipeline_portal p SET state = 'live', updated_at = now()
                     WHERE p.key = ANY($1::text[]) AND p.state = 'backfilling'
-                      AND NOT EXISTS (SELECT 1 FROM pipeline_message m
-                          WHERE m.portal_key = p.key AND m.seq IS NOT NULL AND NOT m.produced)
+                      AND (SELECT 1 FROM pipeline_message m
+                           WHERE m.portal_key = p.key AND m.seq IS NOT NULL
+                             AND NOT m.produced LIMIT 1) IS NULL
                     """,
                     sorted({k for k, _ in sends}),
                 )
@@ -695,8 +707,9 @@ class Store:
                 """
                 UPDATE pipeline_portal p SET state = 'live', updated_at = now()
                 WHERE p.state = 'backfilling' AND p.partition = ANY($1::int[])
-                  AND NOT EXISTS (SELECT 1 FROM pipeline_message m
-                      WHERE m.portal_key = p.key AND m.seq IS NOT NULL AND NOT m.produced)
+                  AND (SELECT 1 FROM pipeline_message m
+                       WHERE m.portal_key = p.key AND m.seq IS NOT NULL AND NOT m.produced
+                       LIMIT 1) IS NULL
                 """,
                 list(partitions),
             )
