@@ -215,6 +215,26 @@ def import_(
         click.echo("", err=True)
     for line in summary.lines():
         click.echo(line)
+    _warn_embedded_retention(settings_of(ctx), summary.messages)
+
+
+# librdkafka's mock cluster keeps at most this many records (or 5 MB) per
+# partition and silently drops older ones.
+MOCK_PARTITION_RECORDS = 100_000
+
+
+def _warn_embedded_retention(settings: Settings, published: int) -> None:
+    from backflow.stack.daemon import read_env
+
+    if not read_env(settings.state_dir).get("BACKFLOW_EMBEDDED_CONTROL"):
+        return
+    if published > MOCK_PARTITION_RECORDS * settings.kafka.partitions // 2:
+        click.echo(
+            "warning: the embedded broker keeps at most 100,000 records or 5 MB per partition "
+            "and drops older ones; keep `backflow worker` running while importing this much, "
+            "or use Apache Kafka",
+            err=True,
+        )
 
 
 @cli.command()
