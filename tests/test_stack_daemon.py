@@ -86,9 +86,14 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
 
 def test_stop_removes_env_and_restart_keeps_tokens(stack_dir: Path) -> None:
     reg_before = Path(read_env(stack_dir)["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text()
+    db_before = read_env(stack_dir)["BACKFLOW_DATABASE_URL"]
+    # The database belongs to this state dir: another stack on the same
+    # Postgres server never sees its pipeline and sink state.
+    assert "/backflow_" in db_before
     assert stop_background(stack_dir)
     assert not (stack_dir / "stack.env").exists()
     assert read_env(stack_dir) == {}
     assert not stop_background(stack_dir)
     env = start_background(stack_dir, partitions=2)
     assert Path(env["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text() == reg_before
+    assert env["BACKFLOW_DATABASE_URL"] == db_before

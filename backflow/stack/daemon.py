@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -41,7 +42,7 @@ PID_FILE = "stack.pid"
 LOG_FILE = "stack.log"
 SERVER_NAME = "backflow.test"
 # The database backflow uses when we pick the server (not for an explicit URL).
-DATABASE_NAME = "backflow"
+DATABASE_PREFIX = "backflow_"
 
 
 # ------------------------------------------------------------------ helpers
@@ -93,6 +94,21 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def _database_name(state_dir: Path) -> str:
+    """The database of this state dir, named once and kept with it.
+
+    Postgres may be the machine's shared server while Synapse's data lives in
+    the state dir: a fresh state dir must not find another stack's pipeline
+    and sink state (portals "already bridged" into rooms this Synapse lacks).
+    """
+    path = state_dir / "database.name"
+    if path.exists():
+        return path.read_text().strip()
+    name = DATABASE_PREFIX + secrets.token_hex(5)
+    _write_atomic(path, name + "\n")
+    return name
 
 
 def _load_appservice(state_dir: Path) -> Appservice:
@@ -207,7 +223,7 @@ async def _serve(state_dir: Path, partitions: int) -> None:
 
         explicit_db = os.environ.get("BACKFLOW_DATABASE_URL")
         admin_url, pg = await resolve_admin_url(explicit_db, state_dir)
-        db_url = explicit_db or await create_database(admin_url, DATABASE_NAME)
+        db_url = explicit_db or await create_database(admin_url, _database_name(state_dir))
 
         appservice = _load_appservice(state_dir)
         port_file = state_dir / "synapse.port"
