@@ -23,6 +23,8 @@ from topics.provision import provision
 # Partitions per topic in tests: enough to spread portals, few enough to
 # keep consumer-group rebalances quick on the mock broker.
 TEST_PARTITIONS = 4
+# Every database made for a test; whatever is left is dropped at session end.
+CREATED_DATABASES: list[str] = []
 
 
 @pytest.fixture(scope="session")
@@ -51,6 +53,9 @@ async def pg_admin(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[st
         os.environ.get("BACKFLOW_DATABASE_URL"), tmp_path_factory.mktemp("pg")
     )
     yield url
+    # Databases a test did not drop itself (module-scoped setups, failures).
+    for name in CREATED_DATABASES:
+        await drop_database(url, name)
     if embedded is not None:
         embedded.stop()
 
@@ -107,6 +112,7 @@ async def make_settings(
     prefix = unique("t")
     db = unique("bf_")
     db_url = await create_database(pg_admin, db)
+    CREATED_DATABASES.append(db)
     bootstrap = kafka if isinstance(kafka, str) else kafka.bootstrap
     values: dict[str, object] = {
         "kafka.bootstrap": bootstrap,
