@@ -24,6 +24,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
 	$(BIN)/python bench/bench_sink.py
+	$(BIN)/python bench/bench_import_memory.py
 
 stack-down:
 	$(BIN)/backflow stack down
