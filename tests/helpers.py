@@ -97,8 +97,8 @@ async def portal_timeline(
 ) -> list[dict] | None:
     """A portal room's events straight from Synapse's client API, oldest first.
 
-    Reads with the appservice token (as the bot, which is in every portal
-    room); None while the portal's alias does not resolve yet.
+    Reads with the appservice token (as the bot, which creates every portal
+    room); None while the room does not exist yet or is still being created.
     """
     import urllib.parse
 
@@ -124,6 +124,10 @@ async def portal_timeline(
         while True:
             url = f"{base}/rooms/{urllib.parse.quote(room_id)}/messages"
             async with http.get(url, params=params) as resp:
+                if resp.status == 403 and not events:
+                    # Synapse makes the alias before the creator's join: the
+                    # room is still being created. Not there yet, like a 404.
+                    return None
                 assert resp.status == 200, await resp.text()
                 page = await resp.json()
             events += [e for e in page.get("chunk", []) if e["type"] in types]
