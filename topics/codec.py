@@ -289,15 +289,19 @@ def _message(o: _Obj) -> NetworkMessage:
     )
 
 
+def _portal_meta(o: _Obj) -> dict[str, Any]:
+    return {
+        "network": o.network(),
+        "portal": o.id("portal"),
+        "name": o.str("name", max_len=255),
+        "topic": o.str("topic", max_len=4096),
+        "members": tuple(_member(m) for m in o.objs("members")),
+        "avatar_url": o.str("avatar_url"),
+    }
+
+
 def _portal(o: _Obj) -> PortalInfo:
-    return PortalInfo(
-        network=o.network(),
-        portal=o.id("portal"),
-        name=o.str("name", max_len=255),
-        topic=o.str("topic", max_len=4096),
-        members=tuple(_member(m) for m in o.objs("members")),
-        avatar_url=o.str("avatar_url"),
-    )
+    return PortalInfo(**_portal_meta(o))
 
 
 def _history_complete(o: _Obj) -> HistoryComplete:
@@ -326,14 +330,7 @@ def _room_created(o: _Obj) -> RoomCreated:
 
 
 def _create_room(o: _Obj) -> CreateRoom:
-    return CreateRoom(
-        network=o.network(),
-        portal=o.id("portal"),
-        name=o.str("name", max_len=255),
-        topic=o.str("topic", max_len=4096),
-        members=tuple(_member(m) for m in o.objs("members")),
-        avatar_url=o.str("avatar_url"),
-    )
+    return CreateRoom(**_portal_meta(o))
 
 
 def _send(o: _Obj) -> SendMessage:

@@ -112,10 +112,10 @@ class NetworkMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class PortalInfo:
-    """Metadata of a portal (a bridged chat): name, topic, members."""
-
-    TYPE: ClassVar[str] = "portal"
+class PortalMeta:
+    """What a portal's room shows: name, topic, members. Shared by the
+    connector's ``portal`` record and the pipeline's ``create_room`` command;
+    neither is the other, so sources can never publish a command."""
 
     network: str
     portal: str
@@ -127,6 +127,13 @@ class PortalInfo:
     @property
     def key(self) -> str:
         return portal_key(self.network, self.portal)
+
+
+@dataclass(frozen=True, slots=True)
+class PortalInfo(PortalMeta):
+    """Metadata of a portal (a bridged chat), as a connector saw it (an upsert)."""
+
+    TYPE: ClassVar[str] = "portal"
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,21 +195,10 @@ class RoomCreated:
 
 
 @dataclass(frozen=True, slots=True)
-class CreateRoom:
-    """Command to the sink: make sure the portal's room exists."""
+class CreateRoom(PortalMeta):
+    """Command to the sink: make sure the portal's room exists, showing this."""
 
     TYPE: ClassVar[str] = "create_room"
-
-    network: str
-    portal: str
-    name: str | None = None
-    topic: str | None = None
-    members: tuple[Member, ...] = ()
-    avatar_url: str | None = None
-
-    @property
-    def key(self) -> str:
-        return portal_key(self.network, self.portal)
 
 
 @dataclass(frozen=True, slots=True)
