@@ -9,14 +9,20 @@ session timeout before each rebalance.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
+from aiokafka import errors as KafkaErrors
 from faust.sensors import Sensor
 
 from backflow import bus
 from backflow.settings import Settings
-from pipeline.processors import Runtime, register
+from pipeline.processors import Runtime
+
+log = logging.getLogger("backflow.pipeline")
 
 # Faust settings used by every worker (documented in docs/pipeline.md).
 FAUST_SETTINGS: dict[str, object] = {
@@ -80,3 +86,254 @@ def make_app(settings: Settings, *, flush_chunk: int = 5000) -> faust.App:
 
 def runtime_of(app: faust.App) -> Runtime:
     return app.pipeline_runtime  # type: ignore[attr-defined]
+
+
+# ---------------------------------------------------------------- faust glue
+
+
+def _shorten_fetch_wait(app: faust.App, wait_ms: int = 50) -> None:
+    """Lower faust's hard-coded ``fetch_max_wait_ms=1500`` on its aiokafka consumer.
+
+    aiokafka keeps one fetch request in flight per broker. While the busy
+    history partitions still have buffered records, the request only names the
+    idle ones (live, portal-events), and the broker parks it for the full wait:
+    the agent then starves for up to 1.5 s at a time. faust has no setting for
+    it; the value is read on every request, so setting it here takes effect.
+    """
+    thread = getattr(app.consumer, "_thread", None)
+    fetcher = getattr(getattr(thread, "_consumer", None), "_fetcher", None)
+    if fetcher is not None and hasattr(fetcher, "_fetch_max_wait_ms"):
+        fetcher._fetch_max_wait_ms = wait_ms
+    else:
+        log.warning("cannot tune the consumer's fetch wait (faust internals changed)")
+
+
+async def _resume(coro: Any, waiting: Any) -> Any:
+    """Finish a coroutine that was stepped by hand and is now waiting on ``waiting``.
+
+    Does what an asyncio Task would do from there: wait for the future the
+    coroutine yielded (``None``: a bare yield), then step it again; a
+    cancellation while waiting is thrown into it.
+    """
+    while True:
+        try:
+            if waiting is None:
+                await asyncio.sleep(0)
+            else:
+                # What Task.__step does with a yielded future before waiting on it.
+                waiting._asyncio_future_blocking = False
+                await waiting
+        except asyncio.CancelledError as exc:
+            step, arg = coro.throw, exc
+        except BaseException:  # noqa: BLE001 - the coroutine reads it from its future
+            step, arg = coro.send, None
+        else:
+            step, arg = coro.send, None
+        try:
+            waiting = step(arg)
+        except StopIteration as stop:
+            return stop.value
+
+
+def _fast_delivery(app: faust.App) -> None:
+    """Deliver each fetched record without faust's per-record ``wait_first``.
+
+    faust's fetch loop hands every record to the streams with
+    ``await self.wait_first(callback(message), self.suspend_flow.wait())``,
+    which creates four tasks (callback, suspend flag, stopped and crashed
+    flags) plus an ``asyncio.wait`` per record, only to be able to give up
+    when the flow is suspended (rebalance) while the callback waits for room
+    in a full stream buffer. Almost always the callback completes without
+    waiting: step it by hand first, and only when it does have to wait (or the
+    flow is suspended) fall back to faust's ``wait_first`` for the rest.
+    """
+    consumer = app.consumer
+    if getattr(consumer, "_backflow_fast_delivery", False):
+        return
+    original = consumer.wait_first
+    suspended = consumer.suspend_flow.is_set
+
+    async def wait_first(*coros: Any, timeout: Any = None) -> Any:
+        if len(coros) != 2 or timeout is not None or not asyncio.iscoroutine(coros[0]):
+            return await original(*coros, timeout=timeout)
+        deliver, suspend = coros
+        if suspended():
+            return await original(deliver, suspend)
+        try:
+            waiting = deliver.send(None)
+        except StopIteration:
+            suspend.close()
+            return None  # faust's fetch loop ignores the result
+        except BaseException:
+            suspend.close()
+            raise
+        return await original(_resume(deliver, waiting), suspend)
+
+    consumer.wait_first = wait_first
+    consumer._backflow_fast_delivery = True
+
+
+# Group errors after which rejoining cannot help: crash the worker (exit != 0).
+FATAL_GROUP_ERRORS = (
+    KafkaErrors.GroupAuthorizationFailedError,
+    KafkaErrors.InconsistentGroupProtocolError,
+    KafkaErrors.InvalidSessionTimeoutError,
+    KafkaErrors.InvalidGroupIdError,
+)
+
+
+async def _consume_group_error(app: faust.App) -> None:
+    """Hand a consumer-group error that aiokafka parked for the user back, so it rejoins.
+
+    On an error it does not expect from JoinGroup/SyncGroup (the mock broker's
+    ``InvalidRequest``, see docs/pipeline.md), aiokafka requests a rejoin, then
+    parks its coordination task until the application "consumes" the error
+    through ``AIOKafkaConsumer.getmany``/``getone``. faust never calls those
+    (it reads the fetcher directly), so without this the task waits forever:
+    the worker stays up, stops heartbeating, is dropped from the group and
+    never rejoins. Consuming the error lets aiokafka rejoin; an error that a
+    rejoin cannot cure (authorization, configuration, a dead coordination
+    task) crashes the worker instead of leaving a silent zombie.
+    """
+    thread = getattr(app.consumer, "_thread", None)
+    consumer = getattr(thread, "_consumer", None)
+    coordinator = getattr(consumer, "_coordinator", None)
+    task = getattr(coordinator, "_coordination_task", None)
+    if coordinator is None or task is None:
+        return
+    # Racy reads from this thread are fine: a miss is caught on the next tick.
+    if getattr(coordinator, "_pending_exception", None) is None and not task.done():
+        return
+    if getattr(coordinator, "_closing", None) is not None and coordinator._closing.done():
+        return  # shutting down: the task ends on its own
+
+    async def check() -> BaseException | None:
+        try:
+            coordinator.check_errors()  # must run on the consumer thread's loop
+        except Exception as exc:  # noqa: BLE001 - classified below
+            return exc
+        return None
+
+    exc = await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(check(), thread.thread_loop))
+    if exc is None:
+        return
+    if task.done() or isinstance(exc, FATAL_GROUP_ERRORS):
+        log.critical("consumer group failed for good (%r): stopping the worker", exc)
+        await app.crash(exc)
+    else:
+        log.warning("consumer group error (%r): rejoining the group", exc)
+
+
+# How long the group leader holds its SyncGroup back when the group has other
+# members (see _delay_leader_sync).
+LEADER_SYNC_DELAY = 0.5
+
+
+def _delay_leader_sync(app: faust.App) -> None:
+    """Let followers send their SyncGroup before the leader sends the assignment.
+
+    librdkafka's mock broker (tests, the embedded stack) completes a sync as
+    soon as the leader's SyncGroup carries an assignment for every member, and
+    drops the assignments of followers whose SyncGroup has not arrived yet:
+    their late SyncGroup then finds the group Up and is answered
+    ``INVALID_REQUEST`` (a real broker answers it from the stored assignment).
+    Followers send SyncGroup right after their JoinGroup response while the
+    leader first computes the assignment, so the leader wins that race only
+    when a follower is descheduled; holding the leader back for
+    ``LEADER_SYNC_DELAY`` turns that into "a follower stalled for half a
+    second". Costs that much per rebalance of a group of two or more workers
+    on any broker; a follower that still loses rejoins (_consume_group_error).
+    """
+    thread = getattr(app.consumer, "_thread", None)
+    coordinator = getattr(getattr(thread, "_consumer", None), "_coordinator", None)
+    if coordinator is None or not hasattr(coordinator, "_perform_assignment"):
+        log.warning("cannot delay the leader's SyncGroup (aiokafka internals changed)")
+        return
+    if getattr(coordinator, "_backflow_delayed_sync", False):
+        return
+    original = coordinator._perform_assignment
+
+    async def perform_assignment(response: Any) -> Any:
+        assignment = await original(response)
+        if len(assignment) > 1:
+            await asyncio.sleep(LEADER_SYNC_DELAY)  # on the consumer thread's loop
+        return assignment
+
+    coordinator._perform_assignment = perform_assignment
+    coordinator._backflow_delayed_sync = True
+
+
+async def _watch_group(app: faust.App, runtime: Runtime) -> None:
+    while not runtime.stopped:
+        await asyncio.sleep(0.5)
+        try:
+            await _consume_group_error(app)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # noqa: BLE001 - the watch must not die
+            log.exception("checking the consumer group failed")
+
+
+def register(app: faust.App, settings: Settings, *, flush_chunk: int = 5000) -> Runtime:
+    """Attach the pipeline's agent, timer and rebalance hooks to ``app``."""
+    catalog = settings.catalog
+    runtime = Runtime(settings, flush_chunk=flush_chunk)
+    sources = app.topic(
+        catalog.history,
+        catalog.live,
+        catalog.portal_events,
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=catalog.partitions,
+    )
+    source_names = {catalog.history, catalog.live, catalog.portal_events}
+
+    @app.agent(sources, name="portal-pipeline")
+    async def portal_pipeline(stream: faust.StreamT) -> None:
+        async for events in stream.take_events(5000, within=0.02):
+            # take_events acks the batch when this body returns, even when it
+            # is cancelled: finish the work first so no record is acked unapplied.
+            task = asyncio.ensure_future(runtime.handle(events))
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task
+                raise
+
+    @app.timer(interval=0.5)
+    async def flush_outbox() -> None:
+        # Produces CreateRoom decided by another worker's sync ranking, and
+        # anything a failed flush left behind.
+        if runtime.ready and not runtime.stopped:
+            runtime.wake_flusher()
+
+    watch: list[asyncio.Future] = []
+
+    def watch_group() -> None:
+        # Not an @app.timer: faust starts those only after the first
+        # assignment, and a first SyncGroup can be the one that fails.
+        # Every JoinGroup is preceded by a revoke, so this starts in time.
+        _delay_leader_sync(app)
+        if not watch:
+            watch.append(asyncio.ensure_future(_watch_group(app, runtime)))
+
+    @app.on_partitions_assigned.connect
+    async def on_assigned(sender: Any, assigned: set[TopicPartition], **_: Any) -> None:
+        _shorten_fetch_wait(app)
+        _fast_delivery(app)
+        await runtime.on_assigned({tp.partition for tp in assigned if tp.topic in source_names})
+
+    @app.on_partitions_revoked.connect
+    async def on_revoked(sender: Any, revoked: set[TopicPartition], **_: Any) -> None:
+        watch_group()
+        await runtime.on_revoked({tp.partition for tp in revoked if tp.topic in source_names})
+
+    @app.on_before_shutdown.connect
+    async def on_shutdown(sender: Any, **_: Any) -> None:
+        for task in watch:
+            task.cancel()
+        await runtime.stop()
+
+    return runtime

@@ -8,8 +8,8 @@ from dataclasses import replace
 import pytest
 
 from pipeline import policy
+from pipeline.app import _resume
 from pipeline.policy import Held, live_decision, plan_release, rank_portals
-from pipeline.processors import _resume
 from pipeline.state import encode_message, send_command
 from tests.pipeline_support import msg
 from topics.codec import decode, encode
@@ -134,7 +134,7 @@ def test_encode_message_bytes_match_the_codec() -> None:
 
 
 def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
-    """pipeline.processors._resume (fast delivery): result, error and cancellation."""
+    """pipeline.app._resume (fast delivery): result, error and cancellation."""
 
     async def waits(delay: float, fail: bool = False) -> int:
         await asyncio.wait([asyncio.ensure_future(asyncio.sleep(delay))])
