@@ -21,9 +21,12 @@ BACKFILL_DISABLED = "backfill_disabled"  # history while backfill.enabled is fal
 DROP_REASONS = (CAP, BEFORE_LAST_BRIDGED, TARGET_CUT, TARGET_MISSING, BACKFILL_DISABLED)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: construction is ~9x cheaper (100k per release run)
 class Held:
-    """Metadata of one held message part (the encoded record stays in Postgres)."""
+    """Metadata of one held message part (the encoded record stays in Postgres).
+
+    Field order matches pipeline.state.HELD_ROWS, which builds these positionally.
+    """
 
     id: str
     part: int
@@ -32,6 +35,7 @@ class Held:
     live: bool = False
     kind: str = "text"
     target: str | None = None
+    arrival: int = 0  # its row in the hold store (pipeline.state)
 
     @property
     def dependent(self) -> bool:
@@ -191,3 +195,20 @@ def rank_portals(newest: Sequence[tuple[str, int | None]], n: int) -> list[str]:
 def effective_cap(*, catch_up: bool, max_initial: int, max_catchup: int) -> int:
     """The cap for one release: catch-up into an existing room, or a new room."""
     return max_catchup if catch_up else max_initial
+
+
+def advance_produced(
+    done: int, extra: Iterable[int], found: Iterable[int]
+) -> tuple[int, list[int]]:
+    """Which of a portal's commands are in the log, after ``found`` seqs were seen there.
+
+    Before: every seq up to ``done`` plus the seqs in ``extra``. Returns the new
+    ``done`` (the highest seq with no gap below it) and the seqs beyond a gap,
+    which a failed produce can leave (a later batch got in, an earlier one did
+    not): those must not be produced again, the missing ones still must.
+    """
+    have = {seq for seq in (*extra, *found) if seq > done}
+    while done + 1 in have:
+        done += 1
+        have.remove(done)
+    return done, sorted(have)

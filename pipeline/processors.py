@@ -23,7 +23,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from backflow import bus
 from backflow.settings import Settings
-from pipeline.state import Incoming, Outcome, Store, init_schema, send_command
+from pipeline.state import Incoming, OutboxPortal, Outcome, Store, init_schema, send_command
 from topics.codec import RecordError, decode
 
 log = logging.getLogger("backflow.pipeline")
@@ -151,7 +151,8 @@ class Runtime:
         self.reader.assign([tp])
         self.reader.seek(tp, start)
         rooms: list[str] = []
-        sends: list[tuple[str, int]] = []
+        sends: dict[str, list[int]] = {}
+        found = 0
         position = start
         while position < end:
             batch = await self.reader.getmany(tp, timeout_ms=1000, max_records=5000)
@@ -163,12 +164,14 @@ class Runtime:
                         rooms.append(f"{cmd['network']}:{cmd['portal']}")
                     elif cmd["type"] == "send":
                         m = cmd["message"]
-                        sends.append((f"{m['network']}:{m['portal']}", int(cmd["seq"])))
+                        key = f"{m['network']}:{m['portal']}"
+                        sends.setdefault(key, []).append(int(cmd["seq"]))
+                        found += 1
                 except (ValueError, KeyError, TypeError):
                     log.warning("unreadable command at %s@%s", tp, rec.offset)
-            if len(sends) >= 20_000:
+            if found >= 20_000:
                 await self.store.mark_produced(rooms, sends, {partition: position})
-                rooms, sends = [], []
+                rooms, sends, found = [], {}, 0
         await self.store.mark_produced(rooms, sends, {partition: end})
         log.info("partition %s: read back commands %s..%s", partition, start, end)
 
@@ -199,30 +202,28 @@ class Runtime:
                         for key, partition, value in rooms
                     ]
                     metas = await asyncio.gather(*futures)
-                    await store.mark_produced([k for k, _, _ in rooms], [], _next_offsets(metas))
+                    await store.mark_produced([k for k, _, _ in rooms], {}, _next_offsets(metas))
                     produced += len(rooms)
-                after: tuple[str, int] = ("", -1)
-                while True:
-                    page = await store.pending_sends(parts, after, self.flush_chunk)
-                    if not page:
-                        break
-                    # The cursor passes other workers' rows; only ours are produced.
-                    after = (page[-1]["portal_key"], page[-1]["seq"])
-                    rows = [r for r in page if r["owned"]]
-                    if not rows:
-                        continue
-                    offsets = await self._produce_in_batches(
-                        (
-                            r["partition"],
-                            r["portal_key"].encode(),
-                            send_command(r["record"], r["seq"]),
+                # Portals in key order, in pages of about flush_chunk commands;
+                # each page is marked produced after the broker acked it.
+                while portals := await store.outbox_portals(parts):
+                    progressed = False
+                    for group in _pages(portals, self.flush_chunk):
+                        page = await store.outbox_page(group, self.flush_chunk)
+                        if not page:
+                            continue
+                        offsets = await self._produce_in_batches(
+                            (portal.partition, portal.key.encode(), send_command(record, seq))
+                            for portal, seq, record in page
                         )
-                        for r in rows
-                    )
-                    await store.mark_produced(
-                        [], [(r["portal_key"], r["seq"]) for r in rows], offsets
-                    )
-                    produced += len(rows)
+                        sends: dict[str, list[int]] = {}
+                        for portal, seq, _ in page:
+                            sends.setdefault(portal.key, []).append(seq)
+                        await store.mark_produced([], sends, offsets)
+                        produced += len(page)
+                        progressed = True
+                    if not progressed:
+                        break
                 await store.settle_backfilling(parts)
             except Exception as exc:  # noqa: BLE001 - retried by the next flush
                 # Some records of the failed round may be in the log: read it
@@ -390,6 +391,20 @@ class Runtime:
                 log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _pages(portals: Sequence[OutboxPortal], size: int) -> Iterable[list[OutboxPortal]]:
+    """Consecutive groups of portals with about ``size`` pending commands each."""
+    group: list[OutboxPortal] = []
+    pending = 0
+    for portal in portals:
+        group.append(portal)
+        pending += portal.pending
+        if pending >= size:
+            yield group
+            group, pending = [], 0
+    if group:
+        yield group
 
 
 def _next_offsets(metas: Iterable[Any]) -> dict[int, int]:

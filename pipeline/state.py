@@ -17,7 +17,7 @@ part) for messages, (portal, seq) for commands, the portal key for portals.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 
 import asyncpg
@@ -37,7 +37,16 @@ from topics.records import (
     SyncComplete,
 )
 
+# Bumped when the tables change shape; a database of another version is refused
+# with a clear error instead of failing on a missing column mid-batch.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS pipeline_meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+
 CREATE TABLE IF NOT EXISTS pipeline_portal (
     key text PRIMARY KEY,
     network text NOT NULL,
@@ -54,7 +63,19 @@ CREATE TABLE IF NOT EXISTS pipeline_portal (
     newest_ts bigint,
     last_bridged_ts bigint,
     last_bridged_id text,
+    -- The hold: message rows are numbered per portal as they arrive and never
+    -- rewritten. History rows above history_decided and live rows above
+    -- live_decided are held (plus live rows listed in pipeline_holdback).
+    next_arrival bigint NOT NULL DEFAULT 1,
+    history_decided bigint NOT NULL DEFAULT 0,
+    live_decided bigint NOT NULL DEFAULT 0,
+    held_history bigint NOT NULL DEFAULT 0,
+    -- The outbox: seqs below next_seq are released (pipeline_release says
+    -- which row each is); those up to produced_seq, and those listed in
+    -- produced_extra, are in the command log.
     next_seq bigint NOT NULL DEFAULT 1,
+    produced_seq bigint NOT NULL DEFAULT 0,
+    produced_extra bigint[] NOT NULL DEFAULT '{}',
     dropped jsonb NOT NULL DEFAULT '{}'::jsonb,
     last_error text,
     updated_at timestamptz NOT NULL DEFAULT now()
@@ -64,9 +85,12 @@ CREATE INDEX IF NOT EXISTS pipeline_portal_backfilling ON pipeline_portal (parti
     WHERE state = 'backfilling';
 CREATE INDEX IF NOT EXISTS pipeline_portal_create_pending ON pipeline_portal (partition)
     WHERE room_requested AND NOT create_room_produced;
+CREATE INDEX IF NOT EXISTS pipeline_portal_outbox ON pipeline_portal (partition)
+    WHERE next_seq > produced_seq + 1;
 
 CREATE TABLE IF NOT EXISTS pipeline_message (
     portal_key text NOT NULL,
+    arrival bigint NOT NULL,
     msg_id text NOT NULL,
     part int NOT NULL,
     ts bigint NOT NULL,
@@ -75,18 +99,34 @@ CREATE TABLE IF NOT EXISTS pipeline_message (
     kind text NOT NULL,
     target text,
     record bytea NOT NULL,
-    state text NOT NULL DEFAULT 'held',
-    reason text,
-    seq bigint,
-    produced boolean NOT NULL DEFAULT false,
-    PRIMARY KEY (portal_key, msg_id, part)
+    PRIMARY KEY (portal_key, arrival)
 );
-CREATE INDEX IF NOT EXISTS pipeline_message_release
-    ON pipeline_message (portal_key, ts, live, ord) WHERE state = 'held';
-CREATE UNIQUE INDEX IF NOT EXISTS pipeline_message_seq
-    ON pipeline_message (portal_key, seq) WHERE seq IS NOT NULL;
-CREATE INDEX IF NOT EXISTS pipeline_message_outbox
-    ON pipeline_message (portal_key, seq) WHERE seq IS NOT NULL AND NOT produced;
+CREATE UNIQUE INDEX IF NOT EXISTS pipeline_message_id
+    ON pipeline_message (portal_key, msg_id, part);
+
+-- Released rows in seq order: seq = first_seq + position in arrivals.
+CREATE TABLE IF NOT EXISTS pipeline_release (
+    portal_key text NOT NULL,
+    last_seq bigint NOT NULL,
+    first_seq bigint NOT NULL,
+    arrivals bigint[] NOT NULL,
+    PRIMARY KEY (portal_key, last_seq)
+);
+
+CREATE TABLE IF NOT EXISTS pipeline_dropped (
+    portal_key text NOT NULL,
+    arrival bigint NOT NULL,
+    reason text NOT NULL,
+    PRIMARY KEY (portal_key, arrival)
+);
+
+-- Live rows at or below live_decided that are still held (a reaction, edit or
+-- redaction whose target is held history): released with the next release.
+CREATE TABLE IF NOT EXISTS pipeline_holdback (
+    portal_key text NOT NULL,
+    arrival bigint NOT NULL,
+    PRIMARY KEY (portal_key, arrival)
+);
 
 CREATE TABLE IF NOT EXISTS pipeline_sync (
     network text NOT NULL,
@@ -102,6 +142,43 @@ CREATE TABLE IF NOT EXISTS pipeline_command_offset (
 );
 """
 
+# The held rows of one portal ($1), in policy.Held's field order. The range
+# condition lets the primary key index start at the older watermark; the
+# second one picks by the row's kind.
+HELD_ROWS = """
+SELECT m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
+FROM pipeline_portal p
+JOIN pipeline_message m ON m.portal_key = p.key
+ AND m.arrival > least(p.history_decided, p.live_decided)
+ AND m.arrival > CASE WHEN m.live THEN p.live_decided ELSE p.history_decided END
+WHERE p.key = $1
+UNION ALL
+SELECT m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
+FROM pipeline_holdback h
+JOIN pipeline_message m ON m.portal_key = h.portal_key AND m.arrival = h.arrival
+WHERE h.portal_key = $1
+"""
+
+# What became of some message ids ($2) of one portal ($1): 'held', 'released',
+# or the drop reason. Sub-selects rather than joins: they are always index
+# probes, whatever the planner thinks of the (seldom analyzed) tables.
+ID_STATUS = """
+SELECT m.msg_id,
+       CASE WHEN m.arrival > CASE WHEN m.live THEN p.live_decided ELSE p.history_decided END
+              OR (SELECT 1 FROM pipeline_holdback h
+                  WHERE h.portal_key = m.portal_key AND h.arrival = m.arrival) IS NOT NULL
+            THEN 'held'
+            ELSE coalesce((SELECT d.reason FROM pipeline_dropped d
+                           WHERE d.portal_key = m.portal_key AND d.arrival = m.arrival),
+                          'released')
+       END AS status
+FROM pipeline_portal p JOIN pipeline_message m ON m.portal_key = p.key
+WHERE p.key = $1 AND m.msg_id = ANY($2::text[])
+"""
+
+# Released rows of one release are stored in chunks of this many (one row each).
+RELEASE_CHUNK = 1000
+
 # Portal states (what `backflow status` shows).
 HELD = "held"  # no room requested yet
 WAITING = "waiting_for_room"  # CreateRoom requested, RoomCreated not seen
@@ -116,7 +193,26 @@ async def init_schema(pool: asyncpg.Pool) -> None:
         # Several workers may start at once: serialise the DDL.
         async with conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(7460001)")
+            existing = await conn.fetchval("SELECT to_regclass('pipeline_portal') IS NOT NULL")
+            version = None
+            if existing:
+                if await conn.fetchval("SELECT to_regclass('pipeline_meta') IS NOT NULL"):
+                    version = await conn.fetchval(
+                        "SELECT value FROM pipeline_meta WHERE key = 'schema_version'"
+                    )
+                if version != str(SCHEMA_VERSION):
+                    raise RuntimeError(
+                        f"the pipeline tables in this database have schema version "
+                        f"{version or 1}, this backflow needs {SCHEMA_VERSION}: point "
+                        "database.url at a new database (or drop the pipeline_* tables "
+                        "and replay the topics)"
+                    )
             await conn.execute(SCHEMA)
+            await conn.execute(
+                "INSERT INTO pipeline_meta (key, value) VALUES ('schema_version', $1) "
+                "ON CONFLICT (key) DO NOTHING",
+                str(SCHEMA_VERSION),
+            )
 
 
 @dataclass(slots=True)
@@ -132,6 +228,8 @@ class Incoming:
 
 @dataclass(slots=True)
 class Portal:
+    """The locked portal row, kept current in memory while a batch is applied."""
+
     key: str
     state: str
     room_requested: bool
@@ -139,6 +237,22 @@ class Portal:
     next_seq: int
     last_bridged_ts: int | None
     last_bridged_id: str | None
+    next_arrival: int
+
+
+@dataclass(slots=True)
+class OutboxPortal:
+    """A portal with released commands that are not all in the command log."""
+
+    key: str
+    partition: int
+    produced_seq: int
+    produced_extra: frozenset[int]
+    next_seq: int
+
+    @property
+    def pending(self) -> int:
+        return self.next_seq - 1 - self.produced_seq - len(self.produced_extra)
 
 
 @dataclass(slots=True)
@@ -215,7 +329,7 @@ class Store:
         rows = await conn.fetch(
             """
             SELECT key, state, room_requested, room_id, next_seq, last_bridged_ts,
-                   last_bridged_id
+                   last_bridged_id, next_arrival
             FROM pipeline_portal WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE
             """,
             keys,
@@ -227,15 +341,20 @@ class Store:
     async def _messages(
         self, conn: asyncpg.Connection, run: list[Incoming], portals: dict[str, Portal]
     ) -> None:
-        cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [])
+        cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [])
+        metas: dict[tuple[str, int], policy.Held] = {}
         for item in run:
             m = item.record
             assert isinstance(m, NetworkMessage)
+            portal = portals[m.key]
+            arrival = portal.next_arrival
+            portal.next_arrival += 1  # a duplicate that is not inserted leaves a gap: harmless
             live = item.topic == "live" or not m.history
             for col, value in zip(
                 cols,
                 (
                     m.key,
+                    arrival,
                     m.id,
                     m.part,
                     m.ts,
@@ -248,40 +367,59 @@ class Store:
                 strict=True,
             ):
                 col.append(value)
-        # One round trip: insert, raise the portals' newest_ts from the rows
-        # actually inserted, and return only the new live rows (history waits
-        # for HistoryComplete, so nothing else needs the inserted rows).
+            if live:
+                metas[(m.key, arrival)] = policy.Held(
+                    id=m.id,
+                    part=m.part,
+                    ts=m.ts,
+                    ord=item.offset,
+                    live=True,
+                    kind=m.content.kind,
+                    target=m.content.target,
+                    arrival=arrival,
+                )
+        keys = sorted({k for k in cols[0]})
+        # One round trip: insert (the row is never rewritten after this), move
+        # the portals' arrival counters, raise newest_ts and count held history
+        # from the rows actually inserted, and return the new *live* rows
+        # (history waits for HistoryComplete, so nothing else needs them).
         inserted = await conn.fetch(
             """
             WITH ins AS (
                 INSERT INTO pipeline_message
-                    (portal_key, msg_id, part, ts, ord, live, kind, target, record)
-                SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bigint[],
-                                     $5::bigint[], $6::bool[], $7::text[], $8::text[],
-                                     $9::bytea[])
+                    (portal_key, arrival, msg_id, part, ts, ord, live, kind, target, record)
+                SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[],
+                                     $5::bigint[], $6::bigint[], $7::bool[], $8::text[],
+                                     $9::text[], $10::bytea[])
                 ON CONFLICT DO NOTHING
-                RETURNING portal_key, msg_id, part, ts, ord, live, kind, target
-            ), newest AS (
-                UPDATE pipeline_portal p SET newest_ts = greatest(p.newest_ts, n.ts),
+                RETURNING portal_key, arrival, ts, live
+            ), counts AS (
+                SELECT portal_key, max(ts) AS ts, count(*) FILTER (WHERE NOT live) AS history
+                FROM ins GROUP BY portal_key
+            ), portals AS (
+                UPDATE pipeline_portal p SET next_arrival = u.next_arrival,
+                       newest_ts = greatest(p.newest_ts, c.ts),
+                       held_history = p.held_history + coalesce(c.history, 0),
                        updated_at = now()
-                FROM (SELECT portal_key, max(ts) AS ts FROM ins GROUP BY portal_key) n
-                WHERE p.key = n.portal_key
+                FROM unnest($11::text[], $12::bigint[]) AS u(key, next_arrival)
+                LEFT JOIN counts c ON c.portal_key = u.key
+                WHERE p.key = u.key
             )
-            SELECT * FROM ins WHERE live
+            SELECT portal_key, arrival FROM ins WHERE live
             """,
             *cols,
+            keys,
+            [portals[k].next_arrival for k in keys],
         )
         if not inserted:
             return
         # Live messages: forward at once into an existing room, or request
         # the room (a live message always does, whatever the sync ranking).
         forward: dict[str, list[policy.Held]] = {}
-        for r in sorted(inserted, key=lambda r: (r["live"], r["ord"])):
-            if not r["live"]:
-                continue  # history waits for HistoryComplete (release or catch-up)
+        for r in sorted(inserted, key=lambda r: r["arrival"]):
             portal = portals[r["portal_key"]]
             if portal.state in _ROOM_STATES:
-                forward.setdefault(portal.key, []).append(_held(r))
+                forward.setdefault(portal.key, []).append(metas[(portal.key, r["arrival"])])
             elif not portal.room_requested:
                 await self._request_room(conn, portal)
         for key, msgs in forward.items():
@@ -294,28 +432,32 @@ class Store:
         sent: set[str] = set()
         held: set[str] = set()
         if targets:
-            for r in await conn.fetch(
-                """
-                SELECT msg_id, state, reason FROM pipeline_message
-                WHERE portal_key = $1 AND msg_id = ANY($2::text[])
-                """,
-                portal.key,
-                targets,
-            ):
-                if r["state"] == "released" or r["reason"] == policy.BEFORE_LAST_BRIDGED:
-                    sent.add(r["msg_id"])
-                elif r["state"] == "held":
-                    held.add(r["msg_id"])
+            for msg_id, status in await self._id_status(conn, portal, targets):
+                if status in ("released", policy.BEFORE_LAST_BRIDGED):
+                    sent.add(msg_id)
+                elif status == "held":
+                    held.add(msg_id)
         release: list[policy.Held] = []
         dropped: list[tuple[policy.Held, str]] = []
+        holdback: list[policy.Held] = []
         for m in msgs:
             decision = policy.live_decision(m, sent=sent, held=held)
             if decision is None:
                 release.append(m)
                 sent.add(m.id)
-            elif decision != "hold":
+            elif decision == "hold":
+                holdback.append(m)
+            else:
                 dropped.append((m, decision))
-        await self._write_plan(conn, portal, release, dropped)
+        await self._write_plan(
+            conn, portal, release, dropped, holdback=holdback, live_upto=msgs[-1].arrival
+        )
+
+    async def _id_status(
+        self, conn: asyncpg.Connection, portal: Portal, ids: Iterable[str | None]
+    ) -> list[tuple[str, str]]:
+        rows = await conn.fetch(ID_STATUS, portal.key, sorted({i for i in ids if i}))
+        return [(r["msg_id"], r["status"]) for r in rows]
 
     # ------------------------------------------------------------ control records
 
@@ -369,19 +511,11 @@ class Store:
         elif isinstance(rec, RoomCreated):
             if portal.room_id == rec.room_id and portal.state in _ROOM_STATES:
                 return  # redelivered: the release already happened
-            await conn.execute(
-                """
-                UPDATE pipeline_portal SET room_id = $2, alias = $3, room_requested = true,
-                       create_room_produced = true, updated_at = now()
-                WHERE key = $1
-                """,
-                portal.key,
-                rec.room_id,
-                rec.alias,
-            )
             portal.room_id, portal.room_requested = rec.room_id, True
             catch_up = rec.last_bridged_ts is not None
-            await self._release(conn, portal, catch_up=catch_up, last_ts=rec.last_bridged_ts)
+            await self._release(
+                conn, portal, catch_up=catch_up, last_ts=rec.last_bridged_ts, room=rec
+            )
 
     async def _request_room(self, conn: asyncpg.Connection, portal: Portal) -> None:
         """Idempotent: the flag is the request; the outbox flush produces CreateRoom."""
@@ -400,33 +534,25 @@ class Store:
     # ------------------------------------------------------------ release
 
     async def _release(
-        self, conn: asyncpg.Connection, portal: Portal, *, catch_up: bool, last_ts: int | None
+        self,
+        conn: asyncpg.Connection,
+        portal: Portal,
+        *,
+        catch_up: bool,
+        last_ts: int | None,
+        room: RoomCreated | None = None,
     ) -> None:
         """Plan and record the release of everything held (commands go to the outbox)."""
-        rows = await conn.fetch(
-            """
-            SELECT msg_id, part, ts, ord, live, kind, target FROM pipeline_message
-            WHERE portal_key = $1 AND state = 'held' ORDER BY ts, live, ord
-            """,
-            portal.key,
-        )
-        held = [_held(r) for r in rows]
+        held = [policy.Held(*r) for r in await conn.fetch(HELD_ROWS, portal.key)]
         lookup = {m.target for m in held if m.dependent}
         if last_ts is not None:
             lookup |= {m.id for m in held if m.ts == last_ts}
         bridged: set[str] = set()
         if lookup:
             bridged = {
-                r["msg_id"]
-                for r in await conn.fetch(
-                    """
-                    SELECT DISTINCT msg_id FROM pipeline_message
-                    WHERE portal_key = $1 AND msg_id = ANY($2::text[])
-                      AND (state = 'released' OR reason = 'before_last_bridged')
-                    """,
-                    portal.key,
-                    list(lookup),
-                )
+                msg_id
+                for msg_id, status in await self._id_status(conn, portal, lookup)
+                if status in ("released", policy.BEFORE_LAST_BRIDGED)
             }
         if portal.last_bridged_id is not None and catch_up:
             bridged.add(portal.last_bridged_id)
@@ -442,7 +568,7 @@ class Store:
             bridged=bridged,
             backfill_enabled=self.backfill.enabled,
         )
-        await self._write_plan(conn, portal, plan.release, plan.dropped)
+        await self._write_plan(conn, portal, plan.release, plan.dropped, room=room)
 
     async def _write_plan(
         self,
@@ -450,75 +576,87 @@ class Store:
         portal: Portal,
         release: list[policy.Held],
         dropped: list[tuple[policy.Held, str]],
+        *,
+        holdback: Sequence[policy.Held] = (),
+        live_upto: int | None = None,
+        room: RoomCreated | None = None,
     ) -> None:
-        """Assign seqs and mark rows released/dropped; all in the caller's transaction."""
-        ids: list[str] = []
-        parts: list[int] = []
-        states: list[str] = []
-        seqs: list[int | None] = []
-        reasons: list[str | None] = []
-        seq = portal.next_seq
-        newest: policy.Held | None = None
-        for m in release:
-            ids.append(m.id)
-            parts.append(m.part)
-            states.append("released")
-            seqs.append(seq)
-            reasons.append(None)
-            seq += 1
-            if newest is None or (m.ts, m.ord) >= (newest.ts, newest.ord):
-                newest = m
+        """Record a decision in the caller's transaction, in one statement.
+
+        Released rows get the next seqs (``pipeline_release`` chunks), dropped
+        ones their reason, and the portal its new watermarks. A release
+        (``live_upto`` None) decided every held row of the portal: both
+        watermarks move to the newest row and the holdback list empties.
+        Forwarding live rows (``live_upto``: the newest of them) decided those
+        rows only, minus ``holdback``; history_decided follows along only while
+        no history is held, so the next release's scan stays short. ``room``:
+        the RoomCreated that triggered this release, recorded on the portal.
+        """
         counts: dict[str, int] = {}
-        for m, reason in dropped:
-            ids.append(m.id)
-            parts.append(m.part)
-            states.append("dropped")
-            seqs.append(None)
-            reasons.append(reason)
+        for _, reason in dropped:
             counts[reason] = counts.get(reason, 0) + 1
-        if ids:
-            await conn.execute(
-                """
-                UPDATE pipeline_message m SET state = u.state, seq = u.seq, reason = u.reason
-                FROM unnest($2::text[], $3::int[], $4::text[], $5::bigint[], $6::text[])
-                     AS u(msg_id, part, state, seq, reason)
-                WHERE m.portal_key = $1 AND m.msg_id = u.msg_id AND m.part = u.part
-                """,
-                portal.key,
-                ids,
-                parts,
-                states,
-                seqs,
-                reasons,
-            )
+        newest = max(release, key=policy.release_order, default=None)
+        if newest is not None and (
+            portal.last_bridged_ts is None or newest.ts >= portal.last_bridged_ts
+        ):
+            portal.last_bridged_ts, portal.last_bridged_id = newest.ts, newest.id
         # A release into a new room shows BACKFILLING until the flush has the
         # whole outbox in the log; a LIVE portal stays LIVE while forwarding.
         new_state = LIVE if portal.state == LIVE else BACKFILLING
-        if (
-            release
-            and newest is not None
-            and (portal.last_bridged_ts is None or newest.ts >= portal.last_bridged_ts)
-        ):
-            portal.last_bridged_ts, portal.last_bridged_id = newest.ts, newest.id
+        next_seq = portal.next_seq + len(release)
         await conn.execute(
             """
-            UPDATE pipeline_portal SET state = $2, next_seq = $3, last_bridged_ts = $4,
-                   last_bridged_id = $5, updated_at = now(),
-                   dropped = (SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
-                       SELECT k, sum(v::bigint) AS v FROM (
-                           SELECT * FROM jsonb_each_text(dropped)
-                           UNION ALL SELECT * FROM jsonb_each_text($6::jsonb)) AS a(k, v)
-                       GROUP BY k) AS s)
+            WITH released AS (
+                INSERT INTO pipeline_release (portal_key, first_seq, last_seq, arrivals)
+                SELECT $1, $2 + s, $2 + least(s + $3, cardinality($4::bigint[])) - 1,
+                       ($4::bigint[])[s + 1 : least(s + $3, cardinality($4::bigint[]))]
+                FROM generate_series(0, cardinality($4::bigint[]) - 1, $3) AS s
+            ), dropped AS (
+                INSERT INTO pipeline_dropped (portal_key, arrival, reason)
+                SELECT $1, * FROM unnest($5::bigint[], $6::text[]) ON CONFLICT DO NOTHING
+            ), unheld AS (
+                DELETE FROM pipeline_holdback WHERE portal_key = $1 AND $7::bigint IS NULL
+            ), heldback AS (
+                INSERT INTO pipeline_holdback (portal_key, arrival)
+                SELECT $1, unnest($8::bigint[]) ON CONFLICT DO NOTHING
+            )
+            UPDATE pipeline_portal SET state = $9, next_seq = $10, last_bridged_ts = $11,
+                   last_bridged_id = $12, updated_at = now(),
+                   live_decided = coalesce(greatest(live_decided, $7), $13),
+                   history_decided = CASE WHEN $7::bigint IS NULL THEN $13
+                                          WHEN held_history = 0
+                                          THEN greatest(history_decided, $7)
+                                          ELSE history_decided END,
+                   held_history = CASE WHEN $7::bigint IS NULL THEN 0 ELSE held_history END,
+                   room_id = coalesce($15, room_id), alias = coalesce($16, alias),
+                   room_requested = room_requested OR $15::text IS NOT NULL,
+                   create_room_produced = create_room_produced OR $15::text IS NOT NULL,
+                   dropped = CASE WHEN $14::jsonb = '{}'::jsonb THEN dropped ELSE (
+                       SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
+                           SELECT k, sum(v::bigint) AS v FROM (
+                               SELECT * FROM jsonb_each_text(dropped)
+                               UNION ALL SELECT * FROM jsonb_each_text($14::jsonb)) AS a(k, v)
+                           GROUP BY k) AS s) END
             WHERE key = $1
             """,
             portal.key,
+            portal.next_seq,
+            RELEASE_CHUNK,
+            [m.arrival for m in release],
+            [m.arrival for m, _ in dropped],
+            [reason for _, reason in dropped],
+            live_upto,
+            [m.arrival for m in holdback],
             new_state,
-            seq,
+            next_seq,
             portal.last_bridged_ts,
             portal.last_bridged_id,
+            portal.next_arrival - 1,
             json.dumps(counts),
+            room.room_id if room is not None else None,
+            room.alias if room is not None else None,
         )
-        portal.state, portal.next_seq = new_state, seq
+        portal.state, portal.next_seq = new_state, next_seq
 
     # ------------------------------------------------------------ sync ranking
 
@@ -617,44 +755,97 @@ class Store:
             out.append((r["key"], r["partition"], encode(cmd)))
         return out
 
-    async def pending_sends(
-        self, partitions: Sequence[int], after: tuple[str, int], limit: int
-    ) -> list[asyncpg.Record]:
-        """The next page of released, not yet produced commands, in (portal, seq) order.
-
-        The page is read from the outbox partial index alone (only unproduced
-        commands are in it), *then* joined to the portals: filtering on the
-        portal's partition inside the page query let the planner (the tables
-        are seldom analyzed) pick a seq scan of every message row plus a sort,
-        per page, so a flush cost grew with all rows ever held. A page may hold
-        commands of partitions not in ``partitions`` (another worker's): the
-        caller skips them but still advances its cursor past the last row.
-        """
+    async def outbox_portals(self, partitions: Sequence[int]) -> list[OutboxPortal]:
+        """Portals of these partitions with released commands not yet in the log."""
         async with self.pool.acquire() as conn:
-            return await conn.fetch(
+            rows = await conn.fetch(
                 """
-                SELECT m.portal_key, m.seq, m.record, p.partition,
-                       p.partition = ANY($1::int[]) AS owned
-                FROM (SELECT portal_key, seq, record FROM pipeline_message
-                      WHERE seq IS NOT NULL AND NOT produced
-                        AND (portal_key, seq) > ($2, $3)
-                      ORDER BY portal_key, seq LIMIT $4) m
-                JOIN pipeline_portal p ON p.key = m.portal_key
-                ORDER BY m.portal_key, m.seq
+                SELECT key, partition, produced_seq, produced_extra, next_seq
+                FROM pipeline_portal
+                WHERE partition = ANY($1::int[]) AND next_seq > produced_seq + 1
+                ORDER BY key
                 """,
                 list(partitions),
-                after[0],
-                after[1],
+            )
+        return [
+            OutboxPortal(
+                key=r["key"],
+                partition=r["partition"],
+                produced_seq=r["produced_seq"],
+                produced_extra=frozenset(r["produced_extra"]),
+                next_seq=r["next_seq"],
+            )
+            for r in rows
+        ]
+
+    async def outbox_page(
+        self, portals: Sequence[OutboxPortal], limit: int
+    ) -> list[tuple[OutboxPortal, int, bytes]]:
+        """The next commands of these portals not yet in the log: (portal, seq, record).
+
+        In (portal, seq) order, at most ``limit`` of them.
+        Both reads are per-portal index probes (LATERAL with OFFSET 0 keeps the
+        planner from turning them into a hash join over the whole table).
+        """
+        by_key = {p.key: p for p in portals}
+        async with self.pool.acquire() as conn:
+            chunks = await conn.fetch(
+                """
+                SELECT u.key, r.first_seq, r.arrivals
+                FROM unnest($1::text[], $2::bigint[]) AS u(key, done)
+                CROSS JOIN LATERAL (
+                    SELECT first_seq, arrivals FROM pipeline_release r
+                    WHERE r.portal_key = u.key AND r.last_seq > u.done
+                    ORDER BY r.last_seq LIMIT $3) AS r
+                ORDER BY u.key, r.first_seq
+                """,
+                list(by_key),
+                [p.produced_seq for p in by_key.values()],
                 limit,
             )
+            wanted: list[tuple[OutboxPortal, int, int]] = []
+            for chunk in chunks:
+                portal = by_key[chunk["key"]]
+                for seq, arrival in enumerate(chunk["arrivals"], chunk["first_seq"]):
+                    if seq > portal.produced_seq and seq not in portal.produced_extra:
+                        wanted.append((portal, seq, arrival))
+                if len(wanted) >= limit:
+                    del wanted[limit:]
+                    break
+            if not wanted:
+                return []
+            rows = await conn.fetch(
+                """
+                SELECT u.key, u.arrival, m.record
+                FROM unnest($1::text[], $2::bigint[]) AS u(key, arrival)
+                CROSS JOIN LATERAL (
+                    SELECT record FROM pipeline_message m
+                    WHERE m.portal_key = u.key AND m.arrival = u.arrival OFFSET 0) AS m
+                """,
+                [p.key for p, _, _ in wanted],
+                [a for _, _, a in wanted],
+            )
+        records = {(r["key"], r["arrival"]): r["record"] for r in rows}
+        page = []
+        for portal, seq, arrival in wanted:
+            record = records.get((portal.key, arrival))
+            if record is None:  # cannot happen (rows are never deleted); stop before a gap
+                break
+            page.append((portal, seq, record))
+        return page
 
     async def mark_produced(
         self,
         rooms: Sequence[str],
-        sends: Sequence[tuple[str, int]],
+        sends: Mapping[str, Iterable[int]],
         offsets: dict[int, int],
     ) -> None:
-        """Record what is in the log (after the ack, or found by the recovery scan)."""
+        """Record what is in the log (after the ack, or found by the recovery scan).
+
+        ``sends`` maps a portal to seqs now known to be in the log; its
+        ``produced_seq`` moves over every contiguous one (the rest, beyond a
+        gap a failed produce left, are remembered in ``produced_extra``).
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             if rooms:
                 await conn.execute(
@@ -668,24 +859,37 @@ class Store:
                     list(rooms),
                 )
             if sends:
-                await conn.execute(
+                # Lock in key order, like apply does, so the two never deadlock.
+                rows = await conn.fetch(
                     """
-                    UPDATE pipeline_message m SET produced = true
-                    FROM unnest($1::text[], $2::bigint[]) AS u(k, s)
-                    WHERE m.portal_key = u.k AND m.seq = u.s AND NOT m.produced
+                    SELECT key, produced_seq, produced_extra FROM pipeline_portal
+                    WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE
                     """,
-                    [k for k, _ in sends],
-                    [s for _, s in sends],
+                    sorted(sends),
                 )
+                keys, dones, extras = [], [], []
+                for r in rows:
+                    done, extra = policy.advance_produced(
+                        r["produced_seq"], r["produced_extra"], sends[r["key"]]
+                    )
+                    keys.append(r["key"])
+                    dones.append(done)
+                    extras.append(",".join(map(str, extra)))
                 await conn.execute(
                     """
-                    UPDATE pipeline_portal p SET state = 'live', updated_at = now()
-                    WHERE p.key = ANY($1::text[]) AND p.state = 'backfilling'
-                      AND (SELECT 1 FROM pipeline_message m
-                           WHERE m.portal_key = p.key AND m.seq IS NOT NULL
-                             AND NOT m.produced LIMIT 1) IS NULL
+                    UPDATE pipeline_portal p SET produced_seq = u.done,
+                           produced_extra = string_to_array(u.extra, ',')::bigint[],
+                           state = CASE WHEN p.state = 'backfilling'
+                                         AND p.next_seq <= u.done + 1 + cardinality(
+                                             string_to_array(u.extra, ','))
+                                        THEN 'live' ELSE p.state END,
+                           updated_at = now()
+                    FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(key, done, extra)
+                    WHERE p.key = u.key
                     """,
-                    sorted({k for k, _ in sends}),
+                    keys,
+                    dones,
+                    extras,
                 )
             if offsets:
                 await conn.execute(
@@ -705,26 +909,12 @@ class Store:
         async with self.pool.acquire() as conn:
             await conn.execute(
                 """
-                UPDATE pipeline_portal p SET state = 'live', updated_at = now()
-                WHERE p.state = 'backfilling' AND p.partition = ANY($1::int[])
-                  AND (SELECT 1 FROM pipeline_message m
-                       WHERE m.portal_key = p.key AND m.seq IS NOT NULL AND NOT m.produced
-                       LIMIT 1) IS NULL
+                UPDATE pipeline_portal SET state = 'live', updated_at = now()
+                WHERE state = 'backfilling' AND partition = ANY($1::int[])
+                  AND next_seq <= produced_seq + 1 + cardinality(produced_extra)
                 """,
                 list(partitions),
             )
-
-
-def _held(r: asyncpg.Record) -> policy.Held:
-    return policy.Held(
-        id=r["msg_id"],
-        part=r["part"],
-        ts=r["ts"],
-        ord=r["ord"],
-        live=r["live"],
-        kind=r["kind"],
-        target=r["target"],
-    )
 
 
 def send_command(record: bytes, seq: int) -> bytes:

@@ -13,12 +13,15 @@ from pipeline.state import init_schema
 _QUERY = """
 SELECT p.key, p.state, p.room_id, p.history_complete, p.last_bridged_ts, p.last_error,
        p.dropped, p.updated_at,
-       count(m.msg_id) FILTER (WHERE m.state = 'held') AS held,
-       count(m.msg_id) FILTER (WHERE m.state = 'released') AS released,
-       count(m.msg_id) FILTER (WHERE m.state = 'released' AND NOT m.produced) AS pending
-FROM pipeline_portal p LEFT JOIN pipeline_message m ON m.portal_key = p.key
+       (SELECT count(*) FROM pipeline_message m
+        WHERE m.portal_key = p.key AND m.arrival > least(p.history_decided, p.live_decided)
+          AND m.arrival > CASE WHEN m.live THEN p.live_decided ELSE p.history_decided END)
+       + (SELECT count(*) FROM pipeline_holdback h WHERE h.portal_key = p.key) AS held,
+       p.next_seq - 1 AS released,
+       p.next_seq - 1 - p.produced_seq - cardinality(p.produced_extra) AS pending
+FROM pipeline_portal p
 WHERE $1::text IS NULL OR p.key = $1 OR p.portal = $1
-GROUP BY p.key ORDER BY p.key
+ORDER BY p.key
 """
 
 
