@@ -35,9 +35,14 @@ async def portal_status(settings: Settings, portal: str | None = None) -> list[d
     pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=1)
     try:
         await init_schema(pool)  # status may run before any worker created the tables
-        rows = await pool.fetch(_QUERY, portal)
+        return await status_rows(pool, portal)
     finally:
         await pool.close()
+
+
+async def status_rows(pool: asyncpg.Pool, portal: str | None = None) -> list[dict[str, Any]]:
+    """``portal_status`` on an open pool."""
+    rows = await pool.fetch(_QUERY, portal)
     return [
         {
             "portal": r["key"],

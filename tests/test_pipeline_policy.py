@@ -98,6 +98,16 @@ def test_live_decision() -> None:
     assert live_decision(r, sent=(), held=()) == policy.TARGET_MISSING
 
 
+def test_advance_produced_moves_over_contiguous_seqs_and_keeps_the_rest() -> None:
+    assert policy.advance_produced(0, [], [1, 2, 3]) == (3, [])
+    # a failed produce: 3 and 5 reached the log, 2 and 4 did not
+    assert policy.advance_produced(1, [], [3, 5]) == (1, [3, 5])
+    assert policy.advance_produced(1, [3, 5], [2]) == (3, [5])
+    assert policy.advance_produced(3, [5], [4, 6]) == (6, [])
+    # seqs already at or below the mark (read back twice) change nothing
+    assert policy.advance_produced(6, [], [2, 6]) == (6, [])
+
+
 def test_rank_portals_newest_first_ties_by_key() -> None:
     newest = [("n:a", 5), ("n:b", 9), ("n:c", 5), ("n:d", None)]
     assert rank_portals(newest, 2) == ["n:b", "n:a"]
