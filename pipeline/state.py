@@ -18,22 +18,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import asyncpg
-import orjson
 
 from backflow.settings import BackfillSettings
 from pipeline import policy
-from topics.codec import decode, encode
+from topics.codec import MAX_RECORD_BYTES, decode, encode
 from topics.records import (
-    Content,
     CreateRoom,
     HistoryComplete,
     NetworkMessage,
     PortalInfo,
     RoomCreated,
-    Sender,
     SyncComplete,
 )
 
@@ -341,44 +338,27 @@ class Store:
     async def _messages(
         self, conn: asyncpg.Connection, run: list[Incoming], portals: dict[str, Portal]
     ) -> None:
-        cols: tuple[list, ...] = ([], [], [], [], [], [], [], [], [], [])
-        metas: dict[tuple[str, int], policy.Held] = {}
-        for item in run:
-            m = item.record
-            assert isinstance(m, NetworkMessage)
-            portal = portals[m.key]
-            arrival = portal.next_arrival
+        msgs: list[NetworkMessage] = [item.record for item in run]  # type: ignore[misc]
+        keys = [m.key for m in msgs]
+        arrivals = []
+        for key in keys:
+            portal = portals[key]
+            arrivals.append(portal.next_arrival)
             portal.next_arrival += 1  # a duplicate that is not inserted leaves a gap: harmless
-            live = item.topic == "live" or not m.history
-            for col, value in zip(
-                cols,
-                (
-                    m.key,
-                    arrival,
-                    m.id,
-                    m.part,
-                    m.ts,
-                    item.offset,
-                    live,
-                    m.content.kind,
-                    m.content.target,
-                    encode_message(m),
-                ),
-                strict=True,
-            ):
-                col.append(value)
-            if live:
-                metas[(m.key, arrival)] = policy.Held(
-                    id=m.id,
-                    part=m.part,
-                    ts=m.ts,
-                    ord=item.offset,
-                    live=True,
-                    kind=m.content.kind,
-                    target=m.content.target,
-                    arrival=arrival,
-                )
-        keys = sorted({k for k in cols[0]})
+        lives = [item.topic == "live" or not m.history for item, m in zip(run, msgs, strict=True)]
+        cols = (
+            keys,
+            arrivals,
+            [m.id for m in msgs],
+            [m.part for m in msgs],
+            [m.ts for m in msgs],
+            [item.offset for item in run],
+            lives,
+            [m.content.kind for m in msgs],
+            [m.content.target for m in msgs],
+            [stored_record(item) for item in run],
+        )
+        touched = sorted(set(keys))
         # One round trip: insert (the row is never rewritten after this), move
         # the portals' arrival counters, raise newest_ts and count held history
         # from the rows actually inserted, and return the new *live* rows
@@ -408,18 +388,32 @@ class Store:
             SELECT portal_key, arrival FROM ins WHERE live
             """,
             *cols,
-            keys,
-            [portals[k].next_arrival for k in keys],
+            touched,
+            [portals[k].next_arrival for k in touched],
         )
         if not inserted:
             return
         # Live messages: forward at once into an existing room, or request
         # the room (a live message always does, whatever the sync ranking).
         forward: dict[str, list[policy.Held]] = {}
+        live_at = {(keys[i], arrivals[i]): i for i, live in enumerate(lives) if live}
         for r in sorted(inserted, key=lambda r: r["arrival"]):
             portal = portals[r["portal_key"]]
             if portal.state in _ROOM_STATES:
-                forward.setdefault(portal.key, []).append(metas[(portal.key, r["arrival"])])
+                i = live_at[(portal.key, r["arrival"])]
+                m = msgs[i]
+                forward.setdefault(portal.key, []).append(
+                    policy.Held(
+                        m.id,
+                        m.part,
+                        m.ts,
+                        run[i].offset,
+                        True,
+                        m.content.kind,
+                        m.content.target,
+                        arrivals[i],
+                    )
+                )
             elif not portal.room_requested:
                 await self._request_room(conn, portal)
         for key, msgs in forward.items():
@@ -925,27 +919,14 @@ def send_command(record: bytes, seq: int) -> bytes:
     return b'{"type":"send","message":' + record + b',"seq":' + str(seq).encode() + b"}"
 
 
-_MESSAGE_FIELDS = tuple(f.name for f in fields(NetworkMessage))
-_NESTED_FIELDS = {
-    "sender": tuple(f.name for f in fields(Sender)),
-    "content": tuple(f.name for f in fields(Content)),
-}
+def stored_record(item: Incoming) -> bytes:
+    """The bytes a held message is stored (and later sent) as: the record as published.
 
-
-def encode_message(m: NetworkMessage) -> bytes:
-    """``codec.encode(m)`` for a message, byte for byte, without the generic walk.
-
-    ``codec.to_dict`` inspects every field of every record; a message's shape
-    is fixed (scalars plus the flat ``sender`` and ``content`` objects), so the
-    dict is built straight from precomputed field names, unset fields left out.
+    It passed the codec's validation on the way in, and every reader decodes it
+    with the same codec, so re-encoding it would only cost time (~2 us a
+    message). A record too close to the size limit to fit in a SendMessage is
+    re-encoded instead, which drops anything the codec does not know.
     """
-    out: dict[str, object] = {"type": NetworkMessage.TYPE}
-    for name in _MESSAGE_FIELDS:
-        value = getattr(m, name)
-        if value is None:
-            continue
-        nested = _NESTED_FIELDS.get(name)
-        if nested is not None:
-            value = {n: v for n in nested if (v := getattr(value, n)) is not None}
-        out[name] = value
-    return orjson.dumps(out)
+    if item.raw and len(item.raw) <= MAX_RECORD_BYTES - 100:
+        return item.raw
+    return encode(item.record)
