@@ -14,10 +14,10 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
-import faust
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -25,6 +25,7 @@ from backflow import bus
 from backflow.settings import Settings
 from pipeline.state import Incoming, OutboxPortal, Outcome, Store, init_schema, send_command
 from topics.codec import RecordError, decode
+from topics.records import DeadLetter
 
 log = logging.getLogger("backflow.pipeline")
 
@@ -50,6 +51,15 @@ TRANSIENT = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A decoded batch: the records to apply and the dead letters to send."""
+
+    size: int
+    items: list[Incoming] = field(default_factory=list)
+    letters: list[DeadLetter] = field(default_factory=list)
 
 
 class Runtime:
@@ -289,16 +299,23 @@ class Runtime:
 
     # ------------------------------------------------------------ records
 
-    async def handle(self, events: Sequence[faust.types.EventT]) -> None:
+    async def handle(self, events: Sequence[Any]) -> None:
         """Decode, dead-letter the bad ones, apply the rest, decide, produce."""
-        store = await self.start()
-        t0 = time.perf_counter()
-        items: list[Incoming] = []
-        letters = []
+        await self.apply(self.prepare(events))
+
+    def prepare(self, events: Sequence[Any]) -> Prepared:
+        """Decode and validate a batch (CPU only: may run while the previous batch applies).
+
+        An event is anything with ``message.topic/.partition/.offset``, ``key``
+        and ``value`` (raw bytes), as faust's events and the intake's records.
+        """
+        prepared = Prepared(len(events))
+        items, letters = prepared.items, prepared.letters
+        kinds = self.kinds
         for event in events:
             msg = event.message
             raw = event.value if isinstance(event.value, bytes) else b""
-            kind = self.kinds.get(msg.topic, "history")
+            kind = kinds.get(msg.topic, "history")
             try:
                 record = decode(raw)
                 if record.TYPE not in ALLOWED[kind]:
@@ -309,18 +326,25 @@ class Runtime:
                 letters.append(bus.dead_letter(STAGE, str(exc), raw, source=source, key=key))
                 continue
             items.append(Incoming(record, kind, msg.partition, msg.offset, raw))
-        if letters:
-            await self._dead_letters(letters)
-        if items:
-            outcome = await self._apply(store, items)
+        return prepared
+
+    async def apply(self, prepared: Prepared) -> None:
+        """Dead-letter, apply to Postgres, decide syncs, wake the outbox flush."""
+        store = await self.start()
+        t0 = time.perf_counter()
+        if prepared.letters:
+            await self._dead_letters(prepared.letters)
+        if prepared.items:
+            outcome = await self._apply(store, prepared.items)
             for network, sync in sorted(outcome.syncs):
                 await self._retry(
                     lambda n=network, s=sync: store.decide_sync(n, s), f"deciding sync {sync}"
                 )
-            self.stats["applied"] += len(items)
+            self.stats["applied"] += len(prepared.items)
             self.wake_flusher()
             if TRACE:
-                log.info("batch of %d: %.1f ms", len(events), (time.perf_counter() - t0) * 1000)
+                ms = (time.perf_counter() - t0) * 1000
+                log.info("batch of %d: applied in %.1f ms", prepared.size, ms)
 
     def wake_flusher(self) -> None:
         """Produce the outbox in the background, overlapping the next batch's apply.
