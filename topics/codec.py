@@ -99,6 +99,10 @@ def from_dict(obj: Any) -> Record:
     if not isinstance(obj, dict):
         raise RecordError("", f"expected a JSON object, got {_typename(obj)}")
     kind = obj.get("type")
+    if kind == "message":
+        record = _fast_message(obj)
+        if record is not None:
+            return record
     if kind not in RECORD_TYPES:
         known = ", ".join(sorted(RECORD_TYPES))
         raise RecordError("type", f"unknown record type {kind!r} (known: {known})")
@@ -289,6 +293,114 @@ def _message(o: _Obj) -> NetworkMessage:
     )
 
 
+# ---------------------------------------------------------------- fast path
+#
+# Every record through the pipeline is a message, and the generic walk above
+# (an _Obj and several method calls per field) costs several microseconds per
+# record. The fast path checks the common shapes inline with the same rules,
+# but never raises: on anything it does not accept (a defect, an unusual kind,
+# a str or int subclass) it returns None and the caller runs the generic parser,
+# which then raises exactly the error it always did. So it may be stricter than
+# the generic path, never looser, and builds an equal record when it accepts.
+# tests/test_codec.py compares both on valid and invalid records.
+
+
+def _fast_network(value: Any) -> bool:
+    return type(value) is str and (value in _NETWORKS_SEEN or _remember_network(value))
+
+
+_NETWORKS_SEEN: set[str] = set()
+
+
+def _remember_network(value: str) -> bool:
+    if not _NETWORK_RE.match(value):
+        return False
+    if len(_NETWORKS_SEEN) < 256:  # a handful of networks in practice; bounded anyway
+        _NETWORKS_SEEN.add(value)
+    return True
+
+
+def _fast_id(value: Any) -> bool:
+    """``_Obj.id`` (required) would accept it."""
+    return type(value) is str and 0 < len(value) <= MAX_ID_LEN
+
+
+def _fast_optional(value: Any, max_len: int) -> bool:
+    """``_Obj.str`` (not required) would accept it."""
+    return value is None or (type(value) is str and len(value) <= max_len)
+
+
+def _fast_text(value: Any) -> bool:
+    """``_Obj.str(required=True)`` would accept it."""
+    return type(value) is str and 0 < len(value) <= MAX_TEXT_LEN
+
+
+def _fast_content(c: dict[str, Any]) -> Content | None:
+    kind = c.get("kind")
+    if kind == "text" or kind == "notice" or kind == "emote":
+        body, html = c.get("body"), c.get("html")
+        if _fast_text(body) and _fast_optional(html, MAX_TEXT_LEN):
+            return Content(kind=kind, body=body, html=html)
+    elif kind == "reaction":
+        target, key = c.get("target"), c.get("key")
+        if _fast_id(target) and type(key) is str and 0 < len(key) <= 255:
+            return Content(kind=kind, target=target, key=key)
+    elif kind == "edit":
+        target, body, html = c.get("target"), c.get("body"), c.get("html")
+        if _fast_id(target) and _fast_text(body) and _fast_optional(html, MAX_TEXT_LEN):
+            return Content(kind=kind, target=target, body=body, html=html)
+    elif kind == "redaction":
+        target, reason = c.get("target"), c.get("reason")
+        if _fast_id(target) and _fast_optional(reason, 1024):
+            return Content(kind=kind, target=target, reason=reason)
+    return None  # media, location, unknown kinds and any defect: generic path
+
+
+def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
+    """``_message`` for a valid message of a common shape, else None (see above)."""
+    get = d.get
+    sender, content, ts = get("sender"), get("content"), get("ts")
+    if type(sender) is not dict or type(content) is not dict:
+        return None
+    network, portal, mid = get("network"), get("portal"), get("id")
+    if not (_fast_network(network) and _fast_id(portal) and _fast_id(mid)):
+        return None
+    if type(ts) is not int or not MIN_TS <= ts < MAX_TS:
+        return None
+    sender_id, name, avatar = sender.get("id"), sender.get("name"), sender.get("avatar_url")
+    if not (
+        _fast_id(sender_id) and _fast_optional(name, 255) and _fast_optional(avatar, MAX_TEXT_LEN)
+    ):
+        return None
+    body = _fast_content(content)
+    if body is None:
+        return None
+    history, part = get("history"), get("part")
+    if history is None:
+        history = True
+    elif type(history) is not bool:
+        return None
+    if part is None:
+        part = 0
+    elif type(part) is not int or part < 0:
+        return None
+    reply_to, thread = get("reply_to"), get("thread")
+    if not (_fast_optional(reply_to, MAX_ID_LEN) and _fast_optional(thread, MAX_ID_LEN)):
+        return None
+    return NetworkMessage(
+        network=network,
+        portal=portal,
+        id=mid,
+        sender=Sender(id=sender_id, name=name, avatar_url=avatar),
+        ts=ts,
+        content=body,
+        history=history,
+        part=part,
+        reply_to=reply_to,
+        thread=thread,
+    )
+
+
 def _portal_meta(o: _Obj) -> dict[str, Any]:
     return {
         "network": o.network(),
@@ -338,7 +450,9 @@ def _send(o: _Obj) -> SendMessage:
     assert message is not None
     if message.data.get("type", "message") != "message":
         raise RecordError("message.type", "a send command carries a message record")
-    return SendMessage(message=_message(message), seq=o.int("seq", minimum=0) or 0)
+    # The sink decodes every command: the fast path serves the inner message too.
+    inner = _fast_message(message.data) or _message(message)
+    return SendMessage(message=inner, seq=o.int("seq", minimum=0) or 0)
 
 
 def _dead_letter(o: _Obj) -> DeadLetter:
