@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import faust
 from aiokafka import TopicPartition
 from aiokafka import errors as KafkaErrors
 from faust.sensors import Sensor
+from faust.types import Message
 
 from backflow import bus
 from backflow.settings import Settings
@@ -173,6 +175,153 @@ def _fast_delivery(app: faust.App) -> None:
     consumer._backflow_fast_delivery = True
 
 
+# ---------------------------------------------------------------- intake
+#
+# faust's per-record path from the fetcher to the agent is: conductor decodes
+# each record into an Event and puts it on the channel queue; the Stream's
+# iterator takes it (one event-loop round per record), tracks it, runs
+# take_events' buffering processor on it and yields it to a passive drainer
+# task; take_events then acks each Event (Event.ack -> Message.ack ->
+# Consumer.ack) after the batch. The pipeline needs none of that per record:
+# it applies whole batches and only reads topic, partition, offset, key and
+# value. So the source topic puts the consumer's Message itself on the queue,
+# and the agent drains that queue in bulk and acks a batch at once, keeping
+# what faust's stream guarantees (see consume_batches).
+
+
+class IntakeRecord:
+    """What the agent hands to ``Runtime.handle``: the subset of a faust Event it reads."""
+
+    __slots__ = ("key", "message", "value")
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+        # The raw serializer returns the message's bytes (or None) unchanged.
+        self.key = message.key
+        self.value = message.value
+
+
+class IntakeTopic(faust.Topic):
+    """A raw-bytes topic whose records reach the channel queue as the consumer's Message.
+
+    faust's conductor calls ``decode`` for every record (and would build an
+    Event through the serializer registry); here it returns the Message as is.
+    Only ``consume_batches`` may read this topic's stream.
+    """
+
+    def _compile_decode(self) -> None:
+        async def decode(message: Message, *, propagate: bool = False) -> Any:
+            return message
+
+        self.decode = decode  # type: ignore[method-assign]
+
+
+def intake_topic(app: faust.App, topics: Iterable[str], partitions: int) -> IntakeTopic:
+    """The agent's source topics (key and value raw bytes)."""
+    return IntakeTopic(
+        app,
+        topics=list(topics),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=partitions,
+    )
+
+
+async def consume_batches(
+    app: faust.App,
+    stream: faust.StreamT,
+    handle: Callable[[Sequence[IntakeRecord]], Awaitable[None]],
+    *,
+    max_records: int = 5000,
+    within: float = 0.02,
+) -> None:
+    """Feed ``handle`` batches from an IntakeTopic stream; ack each batch after it returned.
+
+    Takes up to ``max_records`` from the channel queue, waiting at most
+    ``within`` seconds after the first one for more. Does what faust's stream
+    does per record, once per batch where it can:
+
+    - records fetched before a rebalance (flow suspended or an old consumer
+      generation) are dropped unhandled, as the stream skips them (faust also
+      acks them; not acking is the safe side: they are fetched again from the
+      committed offset);
+    - a taken record is tracked as unacked, so a rebalance's ``wait_empty``
+      waits for its batch before committing;
+    - a record is acked (its offset may be committed) only after ``handle``
+      returned for its batch; a cancelled agent finishes the batch first (the
+      shield); a failed ``handle`` acks nothing (faust's take_events acked
+      the batch anyway): the agent crashes and is restarted by faust, the
+      records are read again from the committed offset after the next
+      rebalance or restart;
+    - order is the queue's, i.e. per partition the fetch order.
+
+    The no-op sensor (PipelineApp) is not called per record.
+    """
+    channel = stream.channel
+    queue = channel.queue  # the iterating clone the conductor delivers to
+    errors = queue._errors
+    take = queue.get_nowait  # mode's get_nowait also resumes a paused fetch
+    consumer = app.consumer
+    unacked = consumer._unacked_messages
+    flow_active = app.flow_control.is_active
+    loop = asyncio.get_running_loop()
+    while True:
+        try:
+            first = await queue.get()  # raises what was thrown into the channel
+        except StopAsyncIteration:
+            return  # the actor was told to stop reading (Actor.cancel)
+        messages = [first]
+        deadline = loop.time() + within
+        while len(messages) < max_records:
+            if errors:
+                break  # the batch taken so far still goes through
+            if queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    messages.append(await asyncio.wait_for(queue.get(), remaining))
+                except TimeoutError:
+                    break
+            else:
+                messages.append(take())
+        generation = app.consumer_generation_id
+        if flow_active():
+            batch = [m for m in messages if m.generation_id == generation]
+        else:
+            batch = []
+        if not batch:
+            continue
+        for message in batch:
+            message.tracked = True
+            unacked.add(message)
+        task = asyncio.ensure_future(handle([IntakeRecord(m) for m in batch]))
+        try:
+            try:
+                await asyncio.shield(task)
+            except asyncio.CancelledError:
+                await task  # a cancelled agent still finishes its batch, then stops
+                raise
+        finally:
+            _settle(consumer, batch, task)
+
+
+def _settle(consumer: Any, messages: list[Message], task: asyncio.Future) -> None:
+    """Ack a handled batch; untrack one whose handle failed or is still running."""
+    if task.done() and not task.cancelled() and task.exception() is None:
+        # Message.ack drops the conductor's reference (one channel) and, at
+        # zero, Consumer.ack marks the offset committable and wakes wait_empty.
+        for message in messages:
+            message.ack(consumer)
+    else:
+        # Not acked: their offsets stay uncommitted, so they are read again
+        # after the next rebalance or restart. Untracked, so a rebalance's
+        # wait_empty does not wait for them forever.
+        consumer._unacked_messages.difference_update(messages)
+
+
 # Group errors after which rejoining cannot help: crash the worker (exit != 0).
 FATAL_GROUP_ERRORS = (
     KafkaErrors.GroupAuthorizationFailedError,
@@ -278,29 +427,13 @@ def register(app: faust.App, settings: Settings, *, flush_chunk: int = 5000) -> 
     """Attach the pipeline's agent, timer and rebalance hooks to ``app``."""
     catalog = settings.catalog
     runtime = Runtime(settings, flush_chunk=flush_chunk)
-    sources = app.topic(
-        catalog.history,
-        catalog.live,
-        catalog.portal_events,
-        key_type=bytes,
-        value_type=bytes,
-        key_serializer="raw",
-        value_serializer="raw",
-        partitions=catalog.partitions,
-    )
-    source_names = {catalog.history, catalog.live, catalog.portal_events}
+    names = [catalog.history, catalog.live, catalog.portal_events]
+    source_names = set(names)
+    sources = intake_topic(app, names, catalog.partitions)
 
     @app.agent(sources, name="portal-pipeline")
     async def portal_pipeline(stream: faust.StreamT) -> None:
-        async for events in stream.take_events(5000, within=0.02):
-            # take_events acks the batch when this body returns, even when it
-            # is cancelled: finish the work first so no record is acked unapplied.
-            task = asyncio.ensure_future(runtime.handle(events))
-            try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await task
-                raise
+        await consume_batches(app, stream, runtime.handle)  # type: ignore[arg-type]
 
     @app.timer(interval=0.5)
     async def flush_outbox() -> None:
