@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import faust
@@ -232,29 +233,35 @@ def intake_topic(app: faust.App, topics: Iterable[str], partitions: int) -> Inta
 async def consume_batches(
     app: faust.App,
     stream: faust.StreamT,
-    handle: Callable[[Sequence[IntakeRecord]], Awaitable[None]],
+    apply: Callable[[Any], Awaitable[None]],
     *,
+    prepare: Callable[[Sequence[IntakeRecord]], Any] = list,
     max_records: int = 5000,
     within: float = 0.02,
 ) -> None:
-    """Feed ``handle`` batches from an IntakeTopic stream; ack each batch after it returned.
+    """Feed batches from an IntakeTopic stream to ``prepare`` then ``apply``; ack after apply.
 
     Takes up to ``max_records`` from the channel queue, waiting at most
-    ``within`` seconds after the first one for more. Does what faust's stream
-    does per record, once per batch where it can:
+    ``within`` seconds after the first one for more. ``prepare`` (CPU only:
+    decoding) runs in this loop; ``apply`` (Postgres) runs as a task, so the
+    next batch is taken and prepared while one applies: the worker decodes
+    while the database works instead of waiting for it. Applies run one at a
+    time, in batch order. Does what faust's
+    stream does per record, once per batch where it can:
 
     - records fetched before a rebalance (flow suspended or an old consumer
       generation) are dropped unhandled, as the stream skips them (faust also
       acks them; not acking is the safe side: they are fetched again from the
       committed offset);
     - a taken record is tracked as unacked, so a rebalance's ``wait_empty``
-      waits for its batch before committing;
-    - a record is acked (its offset may be committed) only after ``handle``
-      returned for its batch; a cancelled agent finishes the batch first (the
-      shield); a failed ``handle`` acks nothing (faust's take_events acked
-      the batch anyway): the agent crashes and is restarted by faust, the
-      records are read again from the committed offset after the next
-      rebalance or restart;
+      waits for its batch (at most two: one applying, one prepared) before
+      committing;
+    - a record is acked (its offset may be committed) only after ``apply``
+      returned for its batch; a cancelled agent finishes its batches first; a
+      failed ``apply`` acks nothing, nor does any batch after it (so no later
+      offset is committed past the failed records): the agent crashes and is
+      restarted by faust, the records are read again from the committed
+      offset after the next rebalance or restart;
     - order is the queue's, i.e. per partition the fetch order.
 
     The no-op sensor (PipelineApp) is not called per record.
@@ -267,49 +274,60 @@ async def consume_batches(
     unacked = consumer._unacked_messages
     flow_active = app.flow_control.is_active
     loop = asyncio.get_running_loop()
-    while True:
-        try:
-            first = await queue.get()  # raises what was thrown into the channel
-        except StopAsyncIteration:
-            return  # the actor was told to stop reading (Actor.cancel)
-        messages = [first]
-        deadline = loop.time() + within
-        while len(messages) < max_records:
-            if errors:
-                break  # the batch taken so far still goes through
-            if queue.empty():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                try:
-                    messages.append(await asyncio.wait_for(queue.get(), remaining))
-                except TimeoutError:
-                    break
-            else:
-                messages.append(take())
-        generation = app.consumer_generation_id
-        if flow_active():
-            batch = [m for m in messages if m.generation_id == generation]
-        else:
-            batch = []
-        if not batch:
-            continue
-        for message in batch:
-            message.tracked = True
-            unacked.add(message)
-        task = asyncio.ensure_future(handle([IntakeRecord(m) for m in batch]))
-        try:
+    applying: asyncio.Future | None = None  # the newest batch's apply
+    try:
+        while True:
+            if applying is not None and applying.done():
+                applying.result()  # raises if it failed: the agent stops here
             try:
-                await asyncio.shield(task)
-            except asyncio.CancelledError:
-                await task  # a cancelled agent still finishes its batch, then stops
+                first = await queue.get()  # raises what was thrown into the channel
+            except StopAsyncIteration:
+                return  # the actor was told to stop reading (Actor.cancel)
+            messages = [first]
+            deadline = loop.time() + within
+            while len(messages) < max_records:
+                if errors:
+                    break  # the batch taken so far still goes through
+                if queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        messages.append(await asyncio.wait_for(queue.get(), remaining))
+                    except TimeoutError:
+                        break
+                else:
+                    messages.append(take())
+            generation = app.consumer_generation_id
+            if flow_active():
+                batch = [m for m in messages if m.generation_id == generation]
+            else:
+                batch = []
+            if not batch:
+                continue
+            for message in batch:
+                message.tracked = True
+                unacked.add(message)
+            try:
+                prepared = prepare([IntakeRecord(m) for m in batch])
+                if applying is not None:
+                    # One batch applies at a time, in order; this one was
+                    # prepared while the one before applied.
+                    await asyncio.shield(applying)  # raises if it failed
+            except BaseException:
+                unacked.difference_update(batch)
                 raise
-        finally:
-            _settle(consumer, batch, task)
+            applying = asyncio.ensure_future(apply(prepared))
+            # Acked when its apply is done, even while this loop waits for records.
+            applying.add_done_callback(partial(_settle, consumer, batch))
+    finally:
+        if applying is not None and not applying.done():
+            # A cancelled agent still finishes what it took, then stops.
+            await asyncio.shield(asyncio.wait([applying]))
 
 
 def _settle(consumer: Any, messages: list[Message], task: asyncio.Future) -> None:
-    """Ack a handled batch; untrack one whose handle failed or is still running."""
+    """Ack an applied batch; untrack one whose apply failed or was cancelled."""
     if task.done() and not task.cancelled() and task.exception() is None:
         # Message.ack drops the conductor's reference (one channel) and, at
         # zero, Consumer.ack marks the offset committable and wakes wait_empty.
@@ -433,7 +451,7 @@ def register(app: faust.App, settings: Settings, *, flush_chunk: int = 5000) -> 
 
     @app.agent(sources, name="portal-pipeline")
     async def portal_pipeline(stream: faust.StreamT) -> None:
-        await consume_batches(app, stream, runtime.handle)  # type: ignore[arg-type]
+        await consume_batches(app, stream, runtime.apply, prepare=runtime.prepare)
 
     @app.timer(interval=0.5)
     async def flush_outbox() -> None:
