@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from backflow.settings import BackfillSettings
+from pipeline import batch as batch_mod
 from pipeline import policy
+from pipeline.batch import Incoming, Portal
 from topics.codec import MAX_RECORD_BYTES, decode, encode
 from topics.records import (
     CreateRoom,
@@ -31,7 +33,6 @@ from topics.records import (
     NetworkMessage,
     PortalInfo,
     RoomCreated,
-    SyncComplete,
 )
 
 # Bumped when the tables change shape; a database of another version is refused
@@ -139,51 +140,48 @@ CREATE TABLE IF NOT EXISTS pipeline_command_offset (
 );
 """
 
-# The held rows of one portal ($1), in policy.Held's field order. The range
-# condition lets the primary key index start at the older watermark; the
-# second one picks by the row's kind.
+# The held rows of several portals: per portal (key, its watermarks, upto),
+# the rows above the watermarks up to ``upto``, plus its holdback rows, in
+# policy.Held's field order. LATERAL with OFFSET 0: always an index range scan
+# per portal, never a hash join over the whole table (the tables are seldom
+# analyzed, so the planner's estimates cannot be trusted).
 HELD_ROWS = """
-SELECT m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
-FROM pipeline_portal p
-JOIN pipeline_message m ON m.portal_key = p.key
- AND m.arrival > least(p.history_decided, p.live_decided)
- AND m.arrival > CASE WHEN m.live THEN p.live_decided ELSE p.history_decided END
-WHERE p.key = $1
+SELECT u.key, m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
+FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(key, hist, live, upto)
+CROSS JOIN LATERAL (
+    SELECT * FROM pipeline_message m
+    WHERE m.portal_key = u.key AND m.arrival > least(u.hist, u.live) AND m.arrival <= u.upto
+      AND m.arrival > CASE WHEN m.live THEN u.live ELSE u.hist END
+    OFFSET 0) AS m
 UNION ALL
-SELECT m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
+SELECT h.portal_key, m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
 FROM pipeline_holdback h
-JOIN pipeline_message m ON m.portal_key = h.portal_key AND m.arrival = h.arrival
-WHERE h.portal_key = $1
+CROSS JOIN LATERAL (
+    SELECT * FROM pipeline_message m
+    WHERE m.portal_key = h.portal_key AND m.arrival = h.arrival OFFSET 0) AS m
+WHERE h.portal_key = ANY($1::text[])
 """
 
-# What became of some message ids ($2) of one portal ($1): 'held', 'released',
-# or the drop reason. Sub-selects rather than joins: they are always index
-# probes, whatever the planner thinks of the (seldom analyzed) tables.
+# What became of some message ids: per (portal key, message id, the portal's
+# watermarks) the status of each part: 'held', 'released', or the drop reason.
 ID_STATUS = """
-SELECT m.msg_id,
-       CASE WHEN m.arrival > CASE WHEN m.live THEN p.live_decided ELSE p.history_decided END
+SELECT u.key, u.msg_id,
+       CASE WHEN m.arrival > CASE WHEN m.live THEN u.live ELSE u.hist END
               OR (SELECT 1 FROM pipeline_holdback h
-                  WHERE h.portal_key = m.portal_key AND h.arrival = m.arrival) IS NOT NULL
+                  WHERE h.portal_key = u.key AND h.arrival = m.arrival) IS NOT NULL
             THEN 'held'
             ELSE coalesce((SELECT d.reason FROM pipeline_dropped d
-                           WHERE d.portal_key = m.portal_key AND d.arrival = m.arrival),
+                           WHERE d.portal_key = u.key AND d.arrival = m.arrival),
                           'released')
        END AS status
-FROM pipeline_portal p JOIN pipeline_message m ON m.portal_key = p.key
-WHERE p.key = $1 AND m.msg_id = ANY($2::text[])
+FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(key, msg_id, hist, live)
+CROSS JOIN LATERAL (
+    SELECT arrival, live FROM pipeline_message m
+    WHERE m.portal_key = u.key AND m.msg_id = u.msg_id OFFSET 0) AS m
 """
 
 # Released rows of one release are stored in chunks of this many (one row each).
 RELEASE_CHUNK = 1000
-
-# Portal states (what `backflow status` shows).
-HELD = "held"  # no room requested yet
-WAITING = "waiting_for_room"  # CreateRoom requested, RoomCreated not seen
-BACKFILLING = "backfilling"  # released commands not all produced yet
-LIVE = "live"  # room exists, everything produced; new messages are forwarded
-
-_ROOM_STATES = (BACKFILLING, LIVE)
-
 
 async def init_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
@@ -213,31 +211,6 @@ async def init_schema(pool: asyncpg.Pool) -> None:
 
 
 @dataclass(slots=True)
-class Incoming:
-    """One decoded record with where it came from."""
-
-    record: object
-    topic: str  # "history", "live" or "events"
-    partition: int
-    offset: int
-    raw: bytes = b""  # the original bytes, for a dead letter if processing fails
-
-
-@dataclass(slots=True)
-class Portal:
-    """The locked portal row, kept current in memory while a batch is applied."""
-
-    key: str
-    state: str
-    room_requested: bool
-    room_id: str | None
-    next_seq: int
-    last_bridged_ts: int | None
-    last_bridged_id: str | None
-    next_arrival: int
-
-
-@dataclass(slots=True)
 class OutboxPortal:
     """A portal with released commands that are not all in the command log."""
 
@@ -260,12 +233,6 @@ class Outcome:
     errors: list[tuple[Incoming, str]] = field(default_factory=list)
 
 
-def _portal_of(record: object) -> tuple[str, str] | None:
-    if isinstance(record, NetworkMessage | PortalInfo | HistoryComplete | RoomCreated):
-        return record.network, record.portal
-    return None
-
-
 class Store:
     """All reads and writes of the pipeline, one transaction per call."""
 
@@ -276,22 +243,34 @@ class Store:
     # ------------------------------------------------------------ batches
 
     async def apply(self, batch: Sequence[Incoming]) -> Outcome:
-        """Apply a batch of records (in partition order) in one transaction."""
-        outcome = Outcome()
+        """Apply a batch of records (in partition order) in one transaction.
+
+        A handful of statements whatever the batch holds: lock the portals,
+        insert every message row, then per round (a portal's first release or
+        forward, then its second, ...) one read of what is held and of the
+        targets it needs, one write of the decisions; finally the portals.
+        """
         async with self.pool.acquire() as conn, conn.transaction():
             portals = await self._lock_portals(conn, batch)
-            run: list[Incoming] = []
-            for item in batch:
-                if isinstance(item.record, NetworkMessage):
-                    run.append(item)
-                    continue
-                if run:
-                    await self._messages(conn, run, portals)
-                    run = []
-                await self._control(conn, item, portals, outcome)
-            if run:
-                await self._messages(conn, run, portals)
-        return outcome
+            walked = batch_mod.walk(batch, portals, self.backfill)
+            inserted_live = await self._insert_messages(conn, walked)
+            rounds = max((len(a) for a in walked.actions.values()), default=0)
+            for n in range(rounds):
+                step = [(portals[k], a[n]) for k, a in walked.actions.items() if len(a) > n]
+                await self._decide(conn, step, inserted_live)
+            await self._write_portals(conn, portals.values())
+            if walked.syncs:
+                await conn.execute(
+                    """
+                    INSERT INTO pipeline_sync (network, sync, portals)
+                    SELECT * FROM unnest($1::text[], $2::text[], $3::int[])
+                    ON CONFLICT (network, sync) DO UPDATE SET portals = EXCLUDED.portals
+                    """,
+                    [s.network for s in walked.syncs],
+                    [s.sync for s in walked.syncs],
+                    [s.portals for s in walked.syncs],
+                )
+        return Outcome(syncs=walked.decide)
 
     async def apply_one(self, item: Incoming) -> Outcome:
         """Fallback when a batch failed: one record, so a bad one is isolated."""
@@ -302,11 +281,11 @@ class Store:
     ) -> dict[str, Portal]:
         seen: dict[str, tuple[str, str, int]] = {}
         for item in batch:
-            ident = _portal_of(item.record)
-            if ident is not None:
-                key = f"{ident[0]}:{ident[1]}"
+            rec = item.record
+            if isinstance(rec, NetworkMessage | PortalInfo | HistoryComplete | RoomCreated):
+                key = rec.key
                 if key not in seen:
-                    seen[key] = (ident[0], ident[1], item.partition)
+                    seen[key] = (rec.network, rec.portal, item.partition)
         if not seen:
             return {}
         keys = sorted(seen)
@@ -325,332 +304,187 @@ class Store:
         # partition (another worker) serialise here instead of racing on seq.
         rows = await conn.fetch(
             """
-            SELECT key, state, room_requested, room_id, next_seq, last_bridged_ts,
-                   last_bridged_id, next_arrival
+            SELECT key, state, room_requested, room_id, alias, next_seq, last_bridged_ts,
+                   last_bridged_id, next_arrival, history_decided, live_decided, held_history
             FROM pipeline_portal WHERE key = ANY($1::text[]) ORDER BY key FOR UPDATE
             """,
             keys,
         )
-        return {r["key"]: Portal(**dict(r)) for r in rows}
+        return {r["key"]: Portal(*r) for r in rows}
 
-    # ------------------------------------------------------------ messages
-
-    async def _messages(
-        self, conn: asyncpg.Connection, run: list[Incoming], portals: dict[str, Portal]
-    ) -> None:
-        msgs: list[NetworkMessage] = [item.record for item in run]  # type: ignore[misc]
-        keys = [m.key for m in msgs]
-        arrivals = []
-        for key in keys:
-            portal = portals[key]
-            arrivals.append(portal.next_arrival)
-            portal.next_arrival += 1  # a duplicate that is not inserted leaves a gap: harmless
-        lives = [item.topic == "live" or not m.history for item, m in zip(run, msgs, strict=True)]
-        cols = (
-            keys,
-            arrivals,
+    async def _insert_messages(
+        self, conn: asyncpg.Connection, walked: batch_mod.Walked
+    ) -> set[tuple[str, int]]:
+        """Insert the batch's message rows (never rewritten); the new live rows."""
+        if not walked.items:
+            return set()
+        msgs: list[NetworkMessage] = [item.record for item in walked.items]  # type: ignore[misc]
+        columns = (
+            walked.keys,
+            walked.arrivals,
             [m.id for m in msgs],
             [m.part for m in msgs],
             [m.ts for m in msgs],
-            [item.offset for item in run],
-            lives,
+            [item.offset for item in walked.items],
+            walked.lives,
             [m.content.kind for m in msgs],
             [m.content.target for m in msgs],
-            [stored_record(item) for item in run],
+            [stored_record(item) for item in walked.items],
         )
-        touched = sorted(set(keys))
-        # One round trip: insert (the row is never rewritten after this), move
-        # the portals' arrival counters, raise newest_ts and count held history
-        # from the rows actually inserted, and return the new *live* rows
-        # (history waits for HistoryComplete, so nothing else needs them).
-        inserted = await conn.fetch(
-            """
-            WITH ins AS (
-                INSERT INTO pipeline_message
-                    (portal_key, arrival, msg_id, part, ts, ord, live, kind, target, record)
-                SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[],
-                                     $5::bigint[], $6::bigint[], $7::bool[], $8::text[],
-                                     $9::text[], $10::bytea[])
-                ON CONFLICT DO NOTHING
-                RETURNING portal_key, arrival, ts, live
-            ), counts AS (
-                SELECT portal_key, max(ts) AS ts, count(*) FILTER (WHERE NOT live) AS history
-                FROM ins GROUP BY portal_key
-            ), portals AS (
-                UPDATE pipeline_portal p SET next_arrival = u.next_arrival,
-                       newest_ts = greatest(p.newest_ts, c.ts),
-                       held_history = p.held_history + coalesce(c.history, 0),
-                       updated_at = now()
-                FROM unnest($11::text[], $12::bigint[]) AS u(key, next_arrival)
-                LEFT JOIN counts c ON c.portal_key = u.key
-                WHERE p.key = u.key
-            )
-            SELECT portal_key, arrival FROM ins WHERE live
-            """,
-            *cols,
-            touched,
-            [portals[k].next_arrival for k in touched],
-        )
-        if not inserted:
-            return
-        # Live messages: forward at once into an existing room, or request
-        # the room (a live message always does, whatever the sync ranking).
-        forward: dict[str, list[policy.Held]] = {}
-        live_at = {(keys[i], arrivals[i]): i for i, live in enumerate(lives) if live}
-        for r in sorted(inserted, key=lambda r: r["arrival"]):
-            portal = portals[r["portal_key"]]
-            if portal.state in _ROOM_STATES:
-                i = live_at[(portal.key, r["arrival"])]
-                m = msgs[i]
-                forward.setdefault(portal.key, []).append(
-                    policy.Held(
-                        m.id,
-                        m.part,
-                        m.ts,
-                        run[i].offset,
-                        True,
-                        m.content.kind,
-                        m.content.target,
-                        arrivals[i],
-                    )
-                )
-            elif not portal.room_requested:
-                await self._request_room(conn, portal)
-        for key, msgs in forward.items():
-            await self._forward_live(conn, portals[key], msgs)
-
-    async def _forward_live(
-        self, conn: asyncpg.Connection, portal: Portal, msgs: list[policy.Held]
-    ) -> None:
-        targets = [m.target for m in msgs if m.dependent]
-        sent: set[str] = set()
-        held: set[str] = set()
-        if targets:
-            for msg_id, status in await self._id_status(conn, portal, targets):
-                if status in ("released", policy.BEFORE_LAST_BRIDGED):
-                    sent.add(msg_id)
-                elif status == "held":
-                    held.add(msg_id)
-        release: list[policy.Held] = []
-        dropped: list[tuple[policy.Held, str]] = []
-        holdback: list[policy.Held] = []
-        for m in msgs:
-            decision = policy.live_decision(m, sent=sent, held=held)
-            if decision is None:
-                release.append(m)
-                sent.add(m.id)
-            elif decision == "hold":
-                holdback.append(m)
-            else:
-                dropped.append((m, decision))
-        await self._write_plan(
-            conn, portal, release, dropped, holdback=holdback, live_upto=msgs[-1].arrival
-        )
-
-    async def _id_status(
-        self, conn: asyncpg.Connection, portal: Portal, ids: Iterable[str | None]
-    ) -> list[tuple[str, str]]:
-        rows = await conn.fetch(ID_STATUS, portal.key, sorted({i for i in ids if i}))
-        return [(r["msg_id"], r["status"]) for r in rows]
-
-    # ------------------------------------------------------------ control records
-
-    async def _control(
-        self,
-        conn: asyncpg.Connection,
-        item: Incoming,
-        portals: dict[str, Portal],
-        outcome: Outcome,
-    ) -> None:
-        rec = item.record
-        if isinstance(rec, SyncComplete):
-            await conn.execute(
-                """
-                INSERT INTO pipeline_sync (network, sync, portals) VALUES ($1, $2, $3)
-                ON CONFLICT (network, sync) DO UPDATE SET portals = EXCLUDED.portals
-                """,
-                rec.network,
-                rec.sync,
-                rec.portals,
-            )
-            outcome.syncs.add((rec.network, rec.sync))
-            return
-        assert isinstance(rec, PortalInfo | HistoryComplete | RoomCreated)
-        portal = portals[rec.key]
-        if isinstance(rec, PortalInfo):
-            await conn.execute(
-                "UPDATE pipeline_portal SET info = $2, updated_at = now() WHERE key = $1",
-                portal.key,
-                encode(rec),
-            )
-        elif isinstance(rec, HistoryComplete):
-            await conn.execute(
-                """
-                UPDATE pipeline_portal SET history_complete = true,
-                       sync = coalesce($2, sync), updated_at = now()
-                WHERE key = $1
-                """,
-                portal.key,
-                rec.sync,
-            )
-            if portal.state in _ROOM_STATES:
-                # History for a portal whose room exists: catch-up.
-                await self._release(conn, portal, catch_up=True, last_ts=portal.last_bridged_ts)
-            elif portal.room_requested:
-                pass
-            elif self.backfill.max_initial_conversations < 0 or rec.sync is None:
-                await self._request_room(conn, portal)
-            else:
-                outcome.syncs.add((rec.network, rec.sync))
-        elif isinstance(rec, RoomCreated):
-            if portal.room_id == rec.room_id and portal.state in _ROOM_STATES:
-                return  # redelivered: the release already happened
-            portal.room_id, portal.room_requested = rec.room_id, True
-            catch_up = rec.last_bridged_ts is not None
-            await self._release(
-                conn, portal, catch_up=catch_up, last_ts=rec.last_bridged_ts, room=rec
-            )
-
-    async def _request_room(self, conn: asyncpg.Connection, portal: Portal) -> None:
-        """Idempotent: the flag is the request; the outbox flush produces CreateRoom."""
-        await conn.execute(
-            """
-            UPDATE pipeline_portal SET room_requested = true, updated_at = now(),
-                   state = CASE WHEN state = 'held' THEN 'waiting_for_room' ELSE state END
-            WHERE key = $1
-            """,
-            portal.key,
-        )
-        portal.room_requested = True
-        if portal.state == HELD:
-            portal.state = WAITING
-
-    # ------------------------------------------------------------ release
-
-    async def _release(
-        self,
-        conn: asyncpg.Connection,
-        portal: Portal,
-        *,
-        catch_up: bool,
-        last_ts: int | None,
-        room: RoomCreated | None = None,
-    ) -> None:
-        """Plan and record the release of everything held (commands go to the outbox)."""
-        held = [policy.Held(*r) for r in await conn.fetch(HELD_ROWS, portal.key)]
-        lookup = {m.target for m in held if m.dependent}
-        if last_ts is not None:
-            lookup |= {m.id for m in held if m.ts == last_ts}
-        bridged: set[str] = set()
-        if lookup:
-            bridged = {
-                msg_id
-                for msg_id, status in await self._id_status(conn, portal, lookup)
-                if status in ("released", policy.BEFORE_LAST_BRIDGED)
-            }
-        if portal.last_bridged_id is not None and catch_up:
-            bridged.add(portal.last_bridged_id)
-        cap = policy.effective_cap(
-            catch_up=catch_up,
-            max_initial=self.backfill.max_initial_messages,
-            max_catchup=self.backfill.max_catchup_messages,
-        )
-        plan = policy.plan_release(
-            held,
-            cap=cap,
-            last_bridged_ts=last_ts,
-            bridged=bridged,
-            backfill_enabled=self.backfill.enabled,
-        )
-        await self._write_plan(conn, portal, plan.release, plan.dropped, room=room)
-
-    async def _write_plan(
-        self,
-        conn: asyncpg.Connection,
-        portal: Portal,
-        release: list[policy.Held],
-        dropped: list[tuple[policy.Held, str]],
-        *,
-        holdback: Sequence[policy.Held] = (),
-        live_upto: int | None = None,
-        room: RoomCreated | None = None,
-    ) -> None:
-        """Record a decision in the caller's transaction, in one statement.
-
-        Released rows get the next seqs (``pipeline_release`` chunks), dropped
-        ones their reason, and the portal its new watermarks. A release
-        (``live_upto`` None) decided every held row of the portal: both
-        watermarks move to the newest row and the holdback list empties.
-        Forwarding live rows (``live_upto``: the newest of them) decided those
-        rows only, minus ``holdback``; history_decided follows along only while
-        no history is held, so the next release's scan stays short. ``room``:
-        the RoomCreated that triggered this release, recorded on the portal.
+        insert = """
+            INSERT INTO pipeline_message
+                (portal_key, arrival, msg_id, part, ts, ord, live, kind, target, record)
+            SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::int[],
+                                 $5::bigint[], $6::bigint[], $7::bool[], $8::text[],
+                                 $9::text[], $10::bytea[])
+            ON CONFLICT DO NOTHING
         """
-        counts: dict[str, int] = {}
-        for _, reason in dropped:
-            counts[reason] = counts.get(reason, 0) + 1
-        newest = max(release, key=policy.release_order, default=None)
-        if newest is not None and (
-            portal.last_bridged_ts is None or newest.ts >= portal.last_bridged_ts
-        ):
-            portal.last_bridged_ts, portal.last_bridged_id = newest.ts, newest.id
-        # A release into a new room shows BACKFILLING until the flush has the
-        # whole outbox in the log; a LIVE portal stays LIVE while forwarding.
-        new_state = LIVE if portal.state == LIVE else BACKFILLING
-        next_seq = portal.next_seq + len(release)
+        if not any(walked.lives):
+            await conn.execute(insert, *columns)
+            return set()
+        # Only live rows that are new may be forwarded (a redelivered one was already).
+        rows = await conn.fetch(
+            f"WITH ins AS ({insert} RETURNING portal_key, arrival, live) "
+            "SELECT portal_key, arrival FROM ins WHERE live",
+            *columns,
+        )
+        return {(r["portal_key"], r["arrival"]) for r in rows}
+
+    async def _decide(
+        self,
+        conn: asyncpg.Connection,
+        step: list[tuple[Portal, batch_mod.Release | batch_mod.Forward]],
+        inserted_live: set[tuple[str, int]],
+    ) -> None:
+        """Plan one round of releases and forwards (one per portal) and record the plans."""
+        releases = [(p, a) for p, a in step if isinstance(a, batch_mod.Release)]
+        forwards = []
+        for p, a in step:
+            if isinstance(a, batch_mod.Forward):
+                a.msgs = [m for m in a.msgs if (p.key, m.arrival) in inserted_live]
+                if a.msgs:
+                    forwards.append((p, a))
+        held: dict[str, list[policy.Held]] = {}
+        if releases:
+            rows = await conn.fetch(
+                HELD_ROWS,
+                [p.key for p, _ in releases],
+                [a.history_decided for _, a in releases],
+                [a.live_decided for _, a in releases],
+                [a.upto for _, a in releases],
+            )
+            for r in rows:
+                held.setdefault(r[0], []).append(policy.Held(*r[1:]))
+        # Which earlier messages the plans need to know about: dependents'
+        # targets, and (catch-up) those at the last bridged timestamp.
+        lookup: list[tuple[str, str, int, int]] = []
+        last_ts: dict[str, int | None] = {}
+        for p, a in releases:
+            ts = p.last_bridged_ts if a.portal_ts else a.last_ts
+            last_ts[p.key] = ts
+            ids = {m.target for m in held.get(p.key, ()) if m.dependent}
+            if ts is not None:
+                ids |= {m.id for m in held.get(p.key, ()) if m.ts == ts}
+            lookup += [(p.key, i, a.history_decided, a.live_decided) for i in ids if i]
+        for p, a in forwards:
+            ids = {m.target for m in a.msgs if m.dependent}
+            lookup += [(p.key, i, a.history_decided, a.live_decided) for i in ids if i]
+        status: dict[tuple[str, str], set[str]] = {}
+        if lookup:
+            for r in await conn.fetch(ID_STATUS, *map(list, zip(*lookup, strict=True))):
+                status.setdefault((r["key"], r["msg_id"]), set()).add(r["status"])
+        in_room = ("released", policy.BEFORE_LAST_BRIDGED)
+
+        def known(key: str, wanted: tuple[str, ...]) -> set[str]:
+            return {i for (k, i), st in status.items() if k == key and st & set(wanted)}
+
+        decisions = _Decisions()
+        for p, a in releases:
+            bridged = known(p.key, in_room)
+            if p.last_bridged_id is not None and a.catch_up:
+                bridged.add(p.last_bridged_id)
+            plan = policy.plan_release(
+                held.get(p.key, ()),
+                cap=policy.effective_cap(
+                    catch_up=a.catch_up,
+                    max_initial=self.backfill.max_initial_messages,
+                    max_catchup=self.backfill.max_catchup_messages,
+                ),
+                last_bridged_ts=last_ts[p.key],
+                bridged=bridged,
+                backfill_enabled=self.backfill.enabled,
+            )
+            decisions.add(p, plan.release, plan.dropped, unhold=True)
+        for p, a in forwards:
+            sent, waiting = known(p.key, in_room), known(p.key, ("held",))
+            release, dropped, holdback = [], [], []
+            for m in a.msgs:
+                decision = policy.live_decision(m, sent=sent, held=waiting)
+                if decision is None:
+                    release.append(m)
+                    sent.add(m.id)
+                elif decision == "hold":
+                    holdback.append(m)
+                else:
+                    dropped.append((m, decision))
+            decisions.add(p, release, dropped, holdback=holdback)
+        await decisions.write(conn)
+
+    async def _write_portals(self, conn: asyncpg.Connection, portals: Iterable[Portal]) -> None:
+        """Write back what the batch did to its portals (they are locked)."""
+        ps = list(portals)
+        if not ps:
+            return
         await conn.execute(
             """
-            WITH released AS (
-                INSERT INTO pipeline_release (portal_key, first_seq, last_seq, arrivals)
-                SELECT $1, $2 + s, $2 + least(s + $3, cardinality($4::bigint[])) - 1,
-                       ($4::bigint[])[s + 1 : least(s + $3, cardinality($4::bigint[]))]
-                FROM generate_series(0, cardinality($4::bigint[]) - 1, $3) AS s
-            ), dropped AS (
-                INSERT INTO pipeline_dropped (portal_key, arrival, reason)
-                SELECT $1, * FROM unnest($5::bigint[], $6::text[]) ON CONFLICT DO NOTHING
-            ), unheld AS (
-                DELETE FROM pipeline_holdback WHERE portal_key = $1 AND $7::bigint IS NULL
-            ), heldback AS (
-                INSERT INTO pipeline_holdback (portal_key, arrival)
-                SELECT $1, unnest($8::bigint[]) ON CONFLICT DO NOTHING
-            )
-            UPDATE pipeline_portal SET state = $9, next_seq = $10, last_bridged_ts = $11,
-                   last_bridged_id = $12, updated_at = now(),
-                   live_decided = coalesce(greatest(live_decided, $7), $13),
-                   history_decided = CASE WHEN $7::bigint IS NULL THEN $13
-                                          WHEN held_history = 0
-                                          THEN greatest(history_decided, $7)
-                                          ELSE history_decided END,
-                   held_history = CASE WHEN $7::bigint IS NULL THEN 0 ELSE held_history END,
-                   room_id = coalesce($15, room_id), alias = coalesce($16, alias),
-                   room_requested = room_requested OR $15::text IS NOT NULL,
-                   create_room_produced = create_room_produced OR $15::text IS NOT NULL,
-                   dropped = CASE WHEN $14::jsonb = '{}'::jsonb THEN dropped ELSE (
-                       SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
-                           SELECT k, sum(v::bigint) AS v FROM (
-                               SELECT * FROM jsonb_each_text(dropped)
-                               UNION ALL SELECT * FROM jsonb_each_text($14::jsonb)) AS a(k, v)
-                           GROUP BY k) AS s) END
-            WHERE key = $1
+            UPDATE pipeline_portal p SET
+                state = u.state, room_requested = u.room_requested,
+                room_id = u.room_id, alias = u.alias,
+                create_room_produced = p.create_room_produced OR u.room_created,
+                info = coalesce(u.info, p.info),
+                history_complete = p.history_complete OR u.history_complete,
+                sync = coalesce(u.sync, p.sync),
+                newest_ts = greatest(p.newest_ts, u.newest_ts),
+                next_arrival = u.next_arrival, next_seq = u.next_seq,
+                last_bridged_ts = u.last_bridged_ts, last_bridged_id = u.last_bridged_id,
+                history_decided = u.history_decided, live_decided = u.live_decided,
+                held_history = u.held_history,
+                dropped = CASE WHEN u.dropped = '{}' THEN p.dropped ELSE (
+                    SELECT coalesce(jsonb_object_agg(k, v), '{}'::jsonb) FROM (
+                        SELECT k, sum(v::bigint) AS v FROM (
+                            SELECT * FROM jsonb_each_text(p.dropped)
+                            UNION ALL SELECT * FROM jsonb_each_text(u.dropped::jsonb)) AS a(k, v)
+                        GROUP BY k) AS s) END,
+                updated_at = now()
+            FROM unnest($1::text[], $2::text[], $3::bool[], $4::text[], $5::text[], $6::bool[],
+                        $7::bytea[], $8::bool[], $9::text[], $10::bigint[], $11::bigint[],
+                        $12::bigint[], $13::bigint[], $14::text[], $15::bigint[],
+                        $16::bigint[], $17::bigint[], $18::text[])
+                 AS u(key, state, room_requested, room_id, alias, room_created, info,
+                      history_complete, sync, newest_ts, next_arrival, next_seq,
+                      last_bridged_ts, last_bridged_id, history_decided, live_decided,
+                      held_history, dropped)
+            WHERE p.key = u.key
             """,
-            portal.key,
-            portal.next_seq,
-            RELEASE_CHUNK,
-            [m.arrival for m in release],
-            [m.arrival for m, _ in dropped],
-            [reason for _, reason in dropped],
-            live_upto,
-            [m.arrival for m in holdback],
-            new_state,
-            next_seq,
-            portal.last_bridged_ts,
-            portal.last_bridged_id,
-            portal.next_arrival - 1,
-            json.dumps(counts),
-            room.room_id if room is not None else None,
-            room.alias if room is not None else None,
+            [p.key for p in ps],
+            [p.state for p in ps],
+            [p.room_requested for p in ps],
+            [p.room_id for p in ps],
+            [p.alias for p in ps],
+            [p.room_created for p in ps],
+            [p.info for p in ps],
+            [p.history_complete for p in ps],
+            [p.sync for p in ps],
+            [p.newest_ts for p in ps],
+            [p.next_arrival for p in ps],
+            [p.next_seq for p in ps],
+            [p.last_bridged_ts for p in ps],
+            [p.last_bridged_id for p in ps],
+            [p.history_decided for p in ps],
+            [p.live_decided for p in ps],
+            [p.held_history for p in ps],
+            [json.dumps(p.dropped) if p.dropped else "{}" for p in ps],
         )
-        portal.state, portal.next_seq = new_state, next_seq
 
     # ------------------------------------------------------------ sync ranking
 
@@ -909,6 +743,88 @@ class Store:
                 """,
                 list(partitions),
             )
+
+
+class _Decisions:
+    """The decisions of one round, for many portals, written in one statement."""
+
+    def __init__(self) -> None:
+        self.chunk_keys: list[str] = []
+        self.chunk_first: list[int] = []
+        self.chunk_start: list[int] = []  # 1-based, into arrivals
+        self.chunk_len: list[int] = []
+        self.arrivals: list[int] = []
+        self.dropped: tuple[list[str], list[int], list[str]] = ([], [], [])
+        self.holdback: tuple[list[str], list[int]] = ([], [])
+        self.unhold: list[str] = []
+
+    def add(
+        self,
+        portal: Portal,
+        release: Sequence[policy.Held],
+        dropped: Sequence[tuple[policy.Held, str]],
+        *,
+        holdback: Sequence[policy.Held] = (),
+        unhold: bool = False,
+    ) -> None:
+        """Give ``release`` the portal's next seqs (in order) and record the rest."""
+        for start in range(0, len(release), RELEASE_CHUNK):
+            chunk = release[start : start + RELEASE_CHUNK]
+            self.chunk_keys.append(portal.key)
+            self.chunk_first.append(portal.next_seq + start)
+            self.chunk_start.append(len(self.arrivals) + 1)
+            self.chunk_len.append(len(chunk))
+            self.arrivals += [m.arrival for m in chunk]
+        portal.next_seq += len(release)
+        newest = max(release, key=policy.release_order, default=None)
+        if newest is not None and (
+            portal.last_bridged_ts is None or newest.ts >= portal.last_bridged_ts
+        ):
+            portal.last_bridged_ts, portal.last_bridged_id = newest.ts, newest.id
+        for m, reason in dropped:
+            self.dropped[0].append(portal.key)
+            self.dropped[1].append(m.arrival)
+            self.dropped[2].append(reason)
+            portal.dropped[reason] = portal.dropped.get(reason, 0) + 1
+        for m in holdback:
+            self.holdback[0].append(portal.key)
+            self.holdback[1].append(m.arrival)
+        if unhold:
+            self.unhold.append(portal.key)  # a release decided its holdback rows too
+
+    async def write(self, conn: asyncpg.Connection) -> None:
+        if not (self.chunk_keys or self.dropped[0] or self.holdback[0] or self.unhold):
+            return
+        # Each part is a no-op on empty arrays. A portal is either released
+        # (unhold) or forwarded (holdback) in one round, never both.
+        await conn.execute(
+            """
+            WITH released AS (
+                INSERT INTO pipeline_release (portal_key, first_seq, last_seq, arrivals)
+                SELECT c.key, c.first_seq, c.first_seq + c.n - 1,
+                       ($5::bigint[])[c.start : c.start + c.n - 1]
+                FROM unnest($1::text[], $2::bigint[], $3::int[], $4::int[])
+                     AS c(key, first_seq, start, n)
+            ), dropped AS (
+                INSERT INTO pipeline_dropped (portal_key, arrival, reason)
+                SELECT * FROM unnest($6::text[], $7::bigint[], $8::text[])
+                ON CONFLICT DO NOTHING
+            ), unheld AS (
+                DELETE FROM pipeline_holdback WHERE portal_key = ANY($9::text[])
+            )
+            INSERT INTO pipeline_holdback (portal_key, arrival)
+            SELECT * FROM unnest($10::text[], $11::bigint[]) ON CONFLICT DO NOTHING
+            """,
+            self.chunk_keys,
+            self.chunk_first,
+            self.chunk_start,
+            self.chunk_len,
+            self.arrivals,
+            *self.dropped,
+            self.unhold,
+            *self.holdback,
+        )
+
 
 
 def send_command(record: bytes, seq: int) -> bytes:
