@@ -43,8 +43,12 @@ class Feed:
         self.offsets: dict[str, int] = {}
 
     async def __call__(self, topic: str, *records: object) -> None:
+        await self.mixed(*((topic, record) for record in records))
+
+    async def mixed(self, *records: tuple[str, object]) -> None:
+        """One batch of records from several topics, in this order."""
         batch = []
-        for record in records:
+        for topic, record in records:
             offset = self.offsets.get(topic, 0)
             self.offsets[topic] = offset + 1
             batch.append(Incoming(record, topic, 0, offset))
@@ -134,6 +138,42 @@ async def test_held_history_is_not_decided_by_forwarded_live_messages(
     assert ids(await produce_all(store)) == []
     await feed("history", msg(portal, "h3", BASE_TS + 30), done(portal))
     assert ids(await produce_all(store)) == ["h3"]
+
+
+async def test_one_batch_acts_as_its_records_one_by_one(pool: asyncpg.Pool) -> None:
+    """A release in the middle of a batch sees only what arrived before it."""
+    store = Store(pool, BackfillSettings())
+    feed = Feed(store)
+    a, b = unique("one"), unique("two")
+    room_a = RoomCreated(network="testnet", portal=a, room_id="!a:test")
+    room_b = RoomCreated(network="testnet", portal=b, room_id="!b:test")
+    await feed.mixed(
+        ("history", msg(a, "a1", BASE_TS + 10)),
+        ("history", msg(b, "b1", BASE_TS + 10)),
+        ("history", msg(a, "a2", BASE_TS + 20)),
+        ("history", done(a)),
+        ("events", room_a),
+        # After a's release: forwarded after it even though it is older.
+        ("live", msg(a, "live1", BASE_TS + 15, history=False)),
+        # History after the release waits for its own HistoryComplete.
+        ("history", msg(a, "a3", BASE_TS + 30)),
+        ("live", msg(a, "r1", BASE_TS + 40, history=False, kind="reaction", target="a3")),
+        ("events", room_b),  # b's history is not complete: released all the same
+        ("live", msg(b, "b2", BASE_TS + 20, history=False)),
+    )
+    sent = await produce_all(store)
+    assert [(k.split(":")[1], seq, mid) for k, seq, mid in sent] == [
+        (a, 1, "a1"),
+        (a, 2, "a2"),
+        (a, 3, "live1"),
+        (b, 1, "b1"),
+        (b, 2, "b2"),
+    ]
+    rows = {r["portal"]: r for r in await status_rows(pool)}
+    assert rows[f"testnet:{a}"]["held"] == 2  # a3 and the reaction held back behind it
+    # a3's HistoryComplete: catch-up after a2 (+20, the newest bridged); a3 (+30) is newer.
+    await feed("history", done(a))
+    assert ids(await produce_all(store)) == ["a3", "r1"]
 
 
 async def test_a_gap_in_the_log_is_filled_without_producing_anything_twice(
