@@ -25,11 +25,12 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -61,8 +62,12 @@ def make_records(portals: int, per_portal: int) -> list[tuple[bytes, bytes]]:
 # publisher running far ahead of its consumer would lose records (the consumer
 # logs "Fetch offset ... out of range, resetting offset" and never sees them),
 # so a run of more than ~100k records stalls forever. Publishing is therefore
-# flow-controlled: at most WINDOW records ahead of what has been processed
-# (~10k per partition of 8, ~3 MB, well under the broker's limit).
+# flow-controlled, the same way for both sides: at most WINDOW records ahead of
+# what the consumer has *consumed* (~10k per partition of 8, ~3 MB, well under
+# the broker's limit). For the passthrough that is what it has produced; for
+# the pipeline, its consumer group's committed offsets (held messages are
+# consumed: they are in Postgres; gating on sent commands instead would
+# throttle the publisher for the pipeline's holding, which is its job).
 WINDOW = 80_000
 CHUNK = 5_000
 
@@ -71,7 +76,7 @@ async def publish(
     bootstrap: str,
     topic: str,
     records: list[tuple[bytes, bytes]],
-    progress: Callable[[], float] | None = None,
+    consumed: Callable[[], Awaitable[float]] | None = None,
 ) -> None:
     producer = AIOKafkaProducer(
         bootstrap_servers=bootstrap, acks="all", linger_ms=5, max_batch_size=256 * 1024
@@ -80,15 +85,33 @@ async def publish(
     try:
         futures = []
         for start in range(0, len(records), CHUNK):
-            if progress is not None:
-                while start + CHUNK - progress() > WINDOW:
-                    await asyncio.sleep(0.02)
+            if consumed is not None:
+                while start + CHUNK - await consumed() > WINDOW:
+                    await asyncio.sleep(0.05)
             futures += [
                 await producer.send(topic, v, key=k) for k, v in records[start : start + CHUNK]
             ]
         await asyncio.gather(*futures)
     finally:
         await producer.stop()
+
+
+def committed_by(
+    admin: AIOKafkaAdminClient, group: str, topic: str, partitions: int
+) -> Callable[[], Awaitable[float]]:
+    """How many records of ``topic`` ``group`` has consumed (committed offsets, summed)."""
+    # The partitions must be named: the mock broker cannot list "all of them".
+    tps = [TopicPartition(topic, p) for p in range(partitions)]
+
+    async def consumed() -> float:
+        offsets = await admin.list_consumer_group_offsets(group, partitions=tps)
+        return float(sum(meta.offset for meta in offsets.values() if meta.offset > 0))
+
+    return consumed
+
+
+async def _value(x: float) -> float:
+    return x
 
 
 def cpu_seconds(pid: int) -> float:
@@ -130,8 +153,10 @@ async def bench_pipeline(
         bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
     )
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
     await consumer.start()
     await producer.start()
+    await admin.start()
     try:
         tps = [TopicPartition(cat.matrix_commands, p) for p in range(cat.partitions)]
         consumer.assign(tps)
@@ -148,9 +173,13 @@ async def bench_pipeline(
         pg0 = backend_cpu_seconds(database)
         started = time.monotonic()
         sends = 0
-        per_send = len(records) / messages  # records in per send out
         publisher = asyncio.create_task(
-            publish(bootstrap, cat.history, records, lambda: sends * per_send)
+            publish(
+                bootstrap,
+                cat.history,
+                records,
+                committed_by(admin, cat.processor_group, cat.history, cat.partitions),
+            )
         )
         while sends < messages:
             if not worker.alive():
@@ -178,6 +207,7 @@ async def bench_pipeline(
         worker.stop()
         await consumer.stop()
         await producer.stop()
+        await admin.close()
 
 
 async def bench_passthrough(
@@ -196,7 +226,7 @@ async def bench_passthrough(
         started = time.monotonic()
         done_count = 0
         publisher = asyncio.create_task(
-            publish(settings.kafka.bootstrap, src, records, lambda: done_count)
+            publish(settings.kafka.bootstrap, src, records, lambda: _value(done_count))
         )
         while done_count < len(records):
             batch = await consumer.getmany(timeout_ms=200, max_records=2000)

@@ -299,22 +299,21 @@ class Runtime:
 
     # ------------------------------------------------------------ records
 
-    async def handle(self, events: Sequence[Any]) -> None:
+    async def handle(self, records: Sequence[Any]) -> None:
         """Decode, dead-letter the bad ones, apply the rest, decide, produce."""
-        await self.apply(self.prepare(events))
+        await self.apply(self.prepare(records))
 
-    def prepare(self, events: Sequence[Any]) -> Prepared:
+    def prepare(self, records: Sequence[Any]) -> Prepared:
         """Decode and validate a batch (CPU only: may run while the previous batch applies).
 
-        An event is anything with ``message.topic/.partition/.offset``, ``key``
-        and ``value`` (raw bytes), as faust's events and the intake's records.
+        A record is anything with ``topic``, ``partition``, ``offset``, ``key``
+        and ``value`` (raw bytes): faust's Message, as the intake hands it on.
         """
-        prepared = Prepared(len(events))
+        prepared = Prepared(len(records))
         items, letters = prepared.items, prepared.letters
         kinds = self.kinds
-        for event in events:
-            msg = event.message
-            raw = event.value if isinstance(event.value, bytes) else b""
+        for msg in records:
+            raw = msg.value if isinstance(msg.value, bytes) else b""
             kind = kinds.get(msg.topic, "history")
             try:
                 record = decode(raw)
@@ -322,7 +321,7 @@ class Runtime:
                     raise RecordError("type", f"a {record.TYPE!r} record does not belong here")
             except RecordError as exc:
                 source = f"{msg.topic}[{msg.partition}]@{msg.offset}"
-                key = event.key.decode("utf-8", "replace") if isinstance(event.key, bytes) else None
+                key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None
                 letters.append(bus.dead_letter(STAGE, str(exc), raw, source=source, key=key))
                 continue
             items.append(Incoming(record, kind, msg.partition, msg.offset, raw))
