@@ -13,6 +13,7 @@ import asyncio
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -215,23 +216,37 @@ class Runtime:
                     await store.mark_produced([k for k, _, _ in rooms], {}, _next_offsets(metas))
                     produced += len(rooms)
                 # Portals in key order, in pages of about flush_chunk commands;
-                # each page is marked produced after the broker acked it.
+                # each page is marked produced after the broker acked it. The
+                # next page is read and queued while one waits for its acks
+                # (at most two in flight): a failed page with a later one in
+                # the log is a gap, which the read-back handles.
                 while portals := await store.outbox_portals(parts):
                     progressed = False
-                    for group in _pages(portals, self.flush_chunk):
-                        page = await store.outbox_page(group, self.flush_chunk)
-                        if not page:
-                            continue
-                        offsets = await self._produce_in_batches(
-                            (portal.partition, portal.key.encode(), send_command(record, seq))
-                            for portal, seq, record in page
-                        )
-                        sends: dict[str, list[int]] = {}
-                        for portal, seq, _ in page:
-                            sends.setdefault(portal.key, []).append(seq)
-                        await store.mark_produced([], sends, offsets)
-                        produced += len(page)
-                        progressed = True
+                    in_flight: deque[tuple[dict[str, list[int]], asyncio.Future]] = deque()
+                    try:
+                        for group in _pages(portals, self.flush_chunk):
+                            page = await store.outbox_page(group, self.flush_chunk)
+                            if not page:
+                                continue
+                            acked = await self._submit(
+                                (portal.partition, portal.key.encode(), send_command(record, seq))
+                                for portal, seq, record in page
+                            )
+                            sends: dict[str, list[int]] = {}
+                            for portal, seq, _ in page:
+                                sends.setdefault(portal.key, []).append(seq)
+                            in_flight.append((sends, acked))
+                            produced += len(page)
+                            progressed = True
+                            if len(in_flight) > 1:
+                                done, acks = in_flight.popleft()
+                                await store.mark_produced([], done, await acks)
+                        while in_flight:
+                            done, acks = in_flight.popleft()
+                            await store.mark_produced([], done, await acks)
+                    finally:
+                        for _, acks in in_flight:  # after a failure: the read-back settles them
+                            acks.add_done_callback(_ignore_result)
                     if not progressed:
                         break
                 await store.settle_backfilling(parts)
@@ -243,10 +258,11 @@ class Runtime:
             self.stats["produced"] += produced
             return produced
 
-    async def _produce_in_batches(
-        self, commands: Iterable[tuple[int, bytes, bytes]]
-    ) -> dict[int, int]:
-        """Produce ``(partition, key, value)`` commands in order; the next offset per partition.
+    async def _submit(self, commands: Iterable[tuple[int, bytes, bytes]]) -> asyncio.Future:
+        """Queue ``(partition, key, value)`` commands in order; a future of the next offsets.
+
+        The returned future resolves, once the broker acked them all, to the
+        next offset per partition (what ``mark_produced`` records).
 
         Fills one aiokafka batch per partition and submits it when full
         (``send_batch``), instead of a ``send`` with its own future per
@@ -289,13 +305,7 @@ class Runtime:
                         counts[partition],
                     )
                 )
-        metas = await asyncio.gather(*(future for future, _ in pending))
-        offsets: dict[int, int] = {}
-        for meta, (_, count) in zip(metas, pending, strict=True):
-            # A batch's metadata carries its base offset; a single send its own.
-            end = meta.offset + (count or 1)
-            offsets[meta.partition] = max(offsets.get(meta.partition, 0), end)
-        return offsets
+        return asyncio.ensure_future(_next_offsets_of(pending))
 
     # ------------------------------------------------------------ records
 
@@ -414,6 +424,21 @@ class Runtime:
                 log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def _ignore_result(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" warning
+
+
+async def _next_offsets_of(pending: list[tuple[Any, int]]) -> dict[int, int]:
+    metas = await asyncio.gather(*(future for future, _ in pending))
+    offsets: dict[int, int] = {}
+    for meta, (_, count) in zip(metas, pending, strict=True):
+        # A batch's metadata carries its base offset; a single send its own.
+        end = meta.offset + (count or 1)
+        offsets[meta.partition] = max(offsets.get(meta.partition, 0), end)
+    return offsets
 
 
 def _pages(portals: Sequence[OutboxPortal], size: int) -> Iterable[list[OutboxPortal]]:
