@@ -11,7 +11,12 @@ already running, so the two figures are comparable. Both publishers are
 flow-controlled (see WINDOW): the embedded broker drops records beyond ~5 MB
 per partition, which a 1M-message run would otherwise hit.
 
-    .venv/bin/python bench/bench_pipeline.py [--portals 1000] [--per-portal 100]
+The two alternate for ``--rounds`` rounds (default 3; each pipeline round
+with new portals, on the same worker; each passthrough round on new topics)
+and the ratio reported is the median of the rounds' ratios: on a shared
+2-core machine one round's wall time swings by tens of percent.
+
+    .venv/bin/python bench/bench_pipeline.py [--portals 1000] [--per-portal 100] [--rounds 3]
 
 Postgres: BACKFLOW_DATABASE_URL's server if set, else 127.0.0.1:5432, else pgserver.
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -45,10 +51,10 @@ from topics.provision import provision  # noqa: E402
 from topics.records import RoomCreated  # noqa: E402
 
 
-def make_records(portals: int, per_portal: int) -> list[tuple[bytes, bytes]]:
+def make_records(portals: int, per_portal: int, round_no: int = 0) -> list[tuple[bytes, bytes]]:
     out: list[tuple[bytes, bytes]] = []
     for p in range(portals):
-        portal = f"bench{p:05d}"
+        portal = f"bench{round_no}x{p:05d}"
         key = f"testnet:{portal}".encode()
         out.append((key, encode(info(portal))))
         for i in range(per_portal):
@@ -142,51 +148,63 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-async def bench_pipeline(
-    settings, records: list[tuple[bytes, bytes]], messages: int, workdir: Path
-) -> tuple[float, float, float, float]:
-    cat = settings.catalog
-    knobs = {k: v for k, v in os.environ.items() if k.startswith("BACKFLOW_PIPELINE_")}
-    worker = Worker(settings, workdir / "worker.log", **knobs)
-    bootstrap = settings.kafka.bootstrap
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
-    )
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await consumer.start()
-    await producer.start()
-    await admin.start()
-    try:
+class PipelineBench:
+    """One pipeline worker and the bench's sink, kept across rounds."""
+
+    def __init__(self, settings, workdir: Path) -> None:
+        self.settings = settings
+        cat = settings.catalog
+        knobs = {k: v for k, v in os.environ.items() if k.startswith("BACKFLOW_PIPELINE_")}
+        self.worker = Worker(settings, workdir / "worker.log", **knobs)
+        bootstrap = settings.kafka.bootstrap
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+        )
+        self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
+        self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+        self.consumed = committed_by(self.admin, cat.processor_group, cat.history, cat.partitions)
+        self.database = settings.database.url.rsplit("/", 1)[-1].split("?")[0]
+
+    async def start(self) -> None:
+        cat = self.settings.catalog
+        await self.consumer.start()
+        await self.producer.start()
+        await self.admin.start()
         tps = [TopicPartition(cat.matrix_commands, p) for p in range(cat.partitions)]
-        consumer.assign(tps)
-        await consumer.seek_to_beginning(*tps)
+        self.consumer.assign(tps)
+        await self.consumer.seek_to_beginning(*tps)
         # Wait until the worker owns every partition and has read back the log.
         deadline = time.monotonic() + 60
-        while "pipeline owns partitions" not in worker.log():
-            if not worker.alive() or time.monotonic() > deadline:
-                raise SystemExit(f"worker did not start:\n{worker.log()[-3000:]}")
+        while "pipeline owns partitions" not in self.worker.log():
+            if not self.worker.alive() or time.monotonic() > deadline:
+                raise SystemExit(f"worker did not start:\n{self.worker.log()[-3000:]}")
             await asyncio.sleep(0.2)
         await asyncio.sleep(1)
+
+    async def round(
+        self, records: list[tuple[bytes, bytes]], messages: int
+    ) -> tuple[float, float, float]:
+        """Publish one round's records; (seconds to the last send, worker CPU, Postgres CPU)."""
+        cat = self.settings.catalog
+        worker = self.worker
         cpu0 = cpu_seconds(worker.proc.pid)
-        database = settings.database.url.rsplit("/", 1)[-1].split("?")[0]
-        pg0 = backend_cpu_seconds(database)
+        pg0 = backend_cpu_seconds(self.database)
+        base = await self.consumed()
+
+        async def consumed() -> float:
+            return await self.consumed() - base
+
         started = time.monotonic()
         sends = 0
         publisher = asyncio.create_task(
-            publish(
-                bootstrap,
-                cat.history,
-                records,
-                committed_by(admin, cat.processor_group, cat.history, cat.partitions),
-            )
+            publish(self.settings.kafka.bootstrap, cat.history, records, consumed)
         )
         while sends < messages:
             if not worker.alive():
                 raise SystemExit(f"worker died:\n{first_error(worker.log())}")
             if time.monotonic() - started > 600:
                 raise SystemExit(f"pipeline timed out after {sends} sends")
-            batch = await consumer.getmany(timeout_ms=200, max_records=10_000)
+            batch = await self.consumer.getmany(timeout_ms=200, max_records=10_000)
             for recs in batch.values():
                 for r in recs:
                     if r.value.startswith(b'{"type":"send"'):
@@ -196,27 +214,31 @@ async def bench_pipeline(
                     created = RoomCreated(
                         network=cmd["network"], portal=cmd["portal"], room_id="!r:bench"
                     )
-                    await producer.send(cat.portal_events, encode(created), key=r.key)
+                    await self.producer.send(cat.portal_events, encode(created), key=r.key)
         elapsed = time.monotonic() - started
         cpu = cpu_seconds(worker.proc.pid) - cpu0
-        pg_cpu = backend_cpu_seconds(database) - pg0
+        pg_cpu = backend_cpu_seconds(self.database) - pg0
         await publisher
-        rss = peak_rss_mb(worker.proc.pid)
-        return elapsed, rss, cpu, pg_cpu
-    finally:
-        worker.stop()
-        await consumer.stop()
-        await producer.stop()
-        await admin.close()
+        return elapsed, cpu, pg_cpu
+
+    async def stop(self) -> float:
+        """Stop everything; the worker's peak RSS in MB."""
+        rss = peak_rss_mb(self.worker.proc.pid) if self.worker.alive() else float("nan")
+        self.worker.stop()
+        await self.consumer.stop()
+        await self.producer.stop()
+        await self.admin.close()
+        return rss
 
 
 async def bench_passthrough(
-    settings, kafka: EmbeddedKafka, records: list[tuple[bytes, bytes]]
+    settings, kafka: EmbeddedKafka, records: list[tuple[bytes, bytes]], round_no: int = 0
 ) -> float:
-    src, dst = f"{settings.kafka.topic_prefix}.pt-in", f"{settings.kafka.topic_prefix}.pt-out"
+    prefix = f"{settings.kafka.topic_prefix}.pt{round_no}"
+    src, dst = f"{prefix}-in", f"{prefix}-out"
     for topic in (src, dst):
         kafka.create_topic(topic, settings.kafka.partitions)
-    consumer = bus.consumer(settings, src, group=f"{settings.kafka.topic_prefix}-pt")
+    consumer = bus.consumer(settings, src, group=f"{prefix}-group")
     producer = bus.producer(settings, linger_ms=2)
     await consumer.start()
     await producer.start()
@@ -257,6 +279,7 @@ async def main() -> None:
     parser.add_argument("--portals", type=int, default=1000)
     parser.add_argument("--per-portal", type=int, default=100)
     parser.add_argument("--partitions", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     messages = args.portals * args.per_portal
     workdir = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -274,23 +297,46 @@ async def main() -> None:
         }
     )
     await provision(settings.catalog, embedded=kafka)
-    records = make_records(args.portals, args.per_portal)
+    total = args.portals * (args.per_portal + 2)
+    print(f"records: {messages} messages over {args.portals} portals ({total} records) per round")
+    print(
+        f"{'round':>5}  {'pipeline msgs/s':>15}  {'passthrough msgs/s':>18}  {'ratio':>5}  "
+        f"{'worker us/msg':>13}  {'Postgres us/msg':>15}"
+    )
+    pipeline = PipelineBench(settings, workdir)
+    ratios, cpus, pg_cpus = [], [], []
     try:
-        pipe_s, rss, cpu, pg_cpu = await bench_pipeline(settings, records, messages, workdir)
-        pass_s = await bench_passthrough(settings, kafka, records)
+        await pipeline.start()
+        for n in range(args.rounds):
+            records = make_records(args.portals, args.per_portal, n)
+            pipe_s, cpu, pg_cpu = await pipeline.round(records, messages)
+            pass_s = await bench_passthrough(settings, kafka, records, n)
+            pipe_rate, pass_rate = messages / pipe_s, len(records) / pass_s
+            ratios.append(pipe_rate / pass_rate)
+            cpus.append(cpu / messages * 1e6)
+            pg_cpus.append(pg_cpu / messages * 1e6)
+            print(
+                f"{n + 1:>5}  {pipe_rate:>15.0f}  {pass_rate:>18.0f}  {ratios[-1]:>5.2f}  "
+                f"{cpus[-1]:>13.0f}  {pg_cpus[-1]:>15.0f}",
+                flush=True,
+            )
+        rss = await pipeline.stop()
     finally:
+        if pipeline.worker.alive():
+            await pipeline.stop()
         await drop_database(admin, db)
         if embedded_pg is not None:
             embedded_pg.stop()
         kafka.close()
-    pipe_rate, pass_rate = messages / pipe_s, len(records) / pass_s
-    print(f"records: {messages} messages over {args.portals} portals ({len(records)} records)")
-    print(f"pipeline (hold + room + ordered release): {pipe_s:6.2f}s  {pipe_rate:9.0f} msgs/s")
-    print(f"raw aiokafka passthrough:                 {pass_s:6.2f}s  {pass_rate:9.0f} msgs/s")
-    print(f"ratio pipeline/passthrough: {pipe_rate / pass_rate:.2f} (target >= 0.5)")
-    print(f"worker peak RSS: {rss:.0f} MB")
-    print(f"worker CPU: {cpu:.2f}s ({cpu / messages * 1e6:.0f} us per message)")
-    print(f"Postgres backends' CPU: {pg_cpu:.2f}s ({pg_cpu / messages * 1e6:.0f} us per message)")
+    print(
+        f"ratio pipeline/passthrough, median of {args.rounds}: "
+        f"{statistics.median(ratios):.2f} (target >= 0.5)"
+    )
+    print(
+        f"worker CPU per message, median: {statistics.median(cpus):.0f} us; "
+        f"Postgres backends': {statistics.median(pg_cpus):.0f} us"
+    )
+    print(f"worker peak RSS: {rss:.0f} MB ({args.rounds * messages} messages held and released)")
 
 
 if __name__ == "__main__":
