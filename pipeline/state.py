@@ -642,25 +642,22 @@ class Store:
                     break
             if not wanted:
                 return []
-            rows = await conn.fetch(
+            # The records in the order asked for (ordinality), only the bytes.
+            records = await conn.fetch(
                 """
-                SELECT u.key, u.arrival, m.record
-                FROM unnest($1::text[], $2::bigint[]) AS u(key, arrival)
+                SELECT m.record
+                FROM unnest($1::text[], $2::bigint[]) WITH ORDINALITY AS u(key, arrival, i)
                 CROSS JOIN LATERAL (
                     SELECT record FROM pipeline_message m
                     WHERE m.portal_key = u.key AND m.arrival = u.arrival OFFSET 0) AS m
+                ORDER BY u.i
                 """,
                 [p.key for p, _, _ in wanted],
                 [a for _, _, a in wanted],
             )
-        records = {(r["key"], r["arrival"]): r["record"] for r in rows}
-        page = []
-        for portal, seq, arrival in wanted:
-            record = records.get((portal.key, arrival))
-            if record is None:  # cannot happen (rows are never deleted); stop before a gap
-                break
-            page.append((portal, seq, record))
-        return page
+        if len(records) != len(wanted):  # cannot happen: rows are never deleted
+            raise RuntimeError("outbox rows missing from pipeline_message")
+        return [(p, seq, r[0]) for (p, seq, _), r in zip(wanted, records, strict=True)]
 
     async def mark_produced(
         self,
