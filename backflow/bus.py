@@ -53,6 +53,11 @@ def consumer(settings: Settings, *topics: str, group: str, **overrides: object) 
         "session_timeout_ms": 6_000,
         "heartbeat_interval_ms": 1_000,
         "max_poll_records": 500,
+        # aiokafka keeps one fetch in flight per broker; while some partitions
+        # still have buffered records it names only the idle ones, and the
+        # broker parks it for the whole wait (default 500 ms), so a consumer of
+        # unevenly busy partitions stalls for that long (see pipeline/app.py).
+        "fetch_max_wait_ms": 50,
     }
     options.update(overrides)
     return AIOKafkaConsumer(*topics, **options)

@@ -157,8 +157,12 @@ class PipelineBench:
         knobs = {k: v for k, v in os.environ.items() if k.startswith("BACKFLOW_PIPELINE_")}
         self.worker = Worker(settings, workdir / "worker.log", **knobs)
         bootstrap = settings.kafka.bootstrap
+        # The bench's sink: the same fetch wait as every backflow consumer (bus.consumer).
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=bootstrap, group_id=None, auto_offset_reset="earliest"
+            bootstrap_servers=bootstrap,
+            group_id=None,
+            auto_offset_reset="earliest",
+            fetch_max_wait_ms=50,
         )
         self.producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=2)
         self.admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
