@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_pipeline.py
+	$(BIN)/python bench/bench_intake.py
 	$(BIN)/python bench/bench_sink.py
 	$(BIN)/python bench/bench_import_memory.py
 
