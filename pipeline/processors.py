@@ -309,10 +309,6 @@ class Runtime:
 
     # ------------------------------------------------------------ records
 
-    async def handle(self, records: Sequence[Any]) -> None:
-        """Decode, dead-letter the bad ones, apply the rest, decide, produce."""
-        await self.apply(self.prepare(records))
-
     def prepare(self, records: Sequence[Any]) -> Prepared:
         """Decode and validate a batch (CPU only: may run while the previous batch applies).
 

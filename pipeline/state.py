@@ -230,7 +230,6 @@ class Outcome:
     """What a batch changed that needs follow-up outside its transaction."""
 
     syncs: set[tuple[str, str]] = field(default_factory=set)
-    errors: list[tuple[Incoming, str]] = field(default_factory=list)
 
 
 class Store:
