@@ -73,7 +73,9 @@ class PipelineApp(faust.App):
         return deps
 
 
-def make_app(settings: Settings, *, flush_chunk: int = 5000) -> faust.App:
+def make_app(
+    settings: Settings, *, flush_chunk: int = 5000, flush_pause: float = 0.0
+) -> faust.App:
     """The pipeline app: group ``<prefix>-pipeline`` over the catalog's topics."""
     catalog = settings.catalog
     datadir = settings.state_dir / "faust" / catalog.processor_group
@@ -85,7 +87,8 @@ def make_app(settings: Settings, *, flush_chunk: int = 5000) -> faust.App:
         datadir=str(datadir),
         **FAUST_SETTINGS,
     )
-    app.pipeline_runtime = register(app, settings, flush_chunk=flush_chunk)  # type: ignore[attr-defined]
+    runtime = register(app, settings, flush_chunk=flush_chunk, flush_pause=flush_pause)
+    app.pipeline_runtime = runtime  # type: ignore[attr-defined]
     return app
 
 
@@ -469,10 +472,12 @@ async def _watch_group(app: faust.App, runtime: Runtime) -> None:
             log.exception("checking the consumer group failed")
 
 
-def register(app: faust.App, settings: Settings, *, flush_chunk: int = 5000) -> Runtime:
+def register(
+    app: faust.App, settings: Settings, *, flush_chunk: int = 5000, flush_pause: float = 0.0
+) -> Runtime:
     """Attach the pipeline's agent, timer and rebalance hooks to ``app``."""
     catalog = settings.catalog
-    runtime = Runtime(settings, flush_chunk=flush_chunk)
+    runtime = Runtime(settings, flush_chunk=flush_chunk, flush_pause=flush_pause)
     names = [catalog.history, catalog.live, catalog.portal_events]
     source_names = set(names)
     sources = intake_topic(app, names, catalog.partitions)

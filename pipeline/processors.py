@@ -66,10 +66,13 @@ class Prepared:
 class Runtime:
     """Per-worker resources: the database pool, a producer, a log reader, the outbox."""
 
-    def __init__(self, settings: Settings, *, flush_chunk: int = 5000) -> None:
+    def __init__(
+        self, settings: Settings, *, flush_chunk: int = 5000, flush_pause: float = 0.0
+    ) -> None:
         self.settings = settings
         self.catalog = settings.catalog
         self.flush_chunk = flush_chunk
+        self.flush_pause = flush_pause  # tests: seconds between outbox pages
         self.kinds = {
             self.catalog.history: "history",
             self.catalog.live: "live",
@@ -238,6 +241,8 @@ class Runtime:
                             in_flight.append((sends, acked))
                             produced += len(page)
                             progressed = True
+                            if self.flush_pause:
+                                await asyncio.sleep(self.flush_pause)
                             if len(in_flight) > 1:
                                 done, acks = in_flight.popleft()
                                 await store.mark_produced([], done, await acks)

@@ -3,7 +3,9 @@
 ``backflow worker`` does the same from the CLI. Tests and the benchmark start
 workers as subprocesses: faust apps are not meant to run several per process.
 
-Test knob: ``BACKFLOW_PIPELINE_FLUSH_CHUNK`` (commands produced per outbox round).
+Test knobs: ``BACKFLOW_PIPELINE_FLUSH_CHUNK`` (commands produced per outbox page)
+and ``BACKFLOW_PIPELINE_FLUSH_PAUSE`` (seconds to wait after queueing each page,
+so a test's SIGKILL lands in the middle of a release).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     from pipeline.app import make_app
 
     chunk = int(os.environ.get("BACKFLOW_PIPELINE_FLUSH_CHUNK", "5000"))
-    app = make_app(settings, flush_chunk=chunk)
+    pause = float(os.environ.get("BACKFLOW_PIPELINE_FLUSH_PAUSE", "0"))
+    app = make_app(settings, flush_chunk=chunk, flush_pause=pause)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 

@@ -90,8 +90,9 @@ async def test_sigkill_mid_release_then_restart_exactly_once(
 ) -> None:
     settings = await pipeline_settings(kafka, pg_admin, tmp_path)
     portals, n = [unique("kill") for _ in range(8)], 600
-    # Small outbox rounds, so the kill lands between produce and the produced mark.
-    env = {"BACKFLOW_PIPELINE_FLUSH_CHUNK": "25"}
+    # Small outbox pages with a pause after each (the release takes ~4 s), so
+    # the kill lands mid-release, between a page's produce and its mark.
+    env = {"BACKFLOW_PIPELINE_FLUSH_CHUNK": "25", "BACKFLOW_PIPELINE_FLUSH_PAUSE": "0.02"}
     records = [r for p in portals for r in _portal_history(p, n)]
     total = len(portals) * n
 
