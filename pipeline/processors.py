@@ -24,7 +24,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from backflow import bus
 from backflow.settings import Settings
-from pipeline.state import Incoming, OutboxPortal, Outcome, Store, init_schema, send_command
+from pipeline.batch import Incoming
+from pipeline.state import OutboxPortal, Outcome, Store, init_schema, send_command
 from topics.codec import RecordError, decode
 from topics.records import DeadLetter
 

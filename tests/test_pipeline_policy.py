@@ -9,8 +9,9 @@ import pytest
 
 from pipeline import policy
 from pipeline.app import _resume
+from pipeline.batch import Incoming
 from pipeline.policy import Held, live_decision, plan_release, rank_portals
-from pipeline.state import Incoming, send_command, stored_record
+from pipeline.state import send_command, stored_record
 from tests.pipeline_support import msg
 from topics.codec import MAX_RECORD_BYTES, decode, encode
 from topics.records import Content, SendMessage

@@ -17,7 +17,8 @@ import pytest
 from backflow.settings import BackfillSettings
 from backflow.stack.postgres import create_database
 from pipeline import policy
-from pipeline.state import Incoming, Store, init_schema
+from pipeline.batch import Incoming
+from pipeline.state import Store, init_schema
 from pipeline.status import status_rows
 from tests.conftest import CREATED_DATABASES
 from tests.pipeline_support import BASE_TS, done, msg, unique
