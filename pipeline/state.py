@@ -3,15 +3,17 @@
 Why Postgres and not faust tables (or memory):
 - a portal's backlog is never one in-memory value: every held message is its
   own row, so a worker holding millions of messages stays at constant memory;
-- in-order release is an index scan over (portal, ts, live, ord), read in
-  batches, instead of deserialising and re-sorting a whole backlog;
+- a release reads only the held rows' metadata (an index range scan per
+  portal), never their bodies, which go to the producer in pages;
 - the ``max_initial_conversations`` ranking needs every portal of a sync at
   once, and those live on other partitions/workers: Postgres is the shared view;
 - the outbox (commands with their per-portal ``seq``) is written in the same
-  transaction that marks messages released, so a crash can never separate them.
+  transaction that records the release, so a crash can never separate them.
 
-Rows are keyed so that redelivered records are no-ops: (portal, message id,
-part) for messages, (portal, seq) for commands, the portal key for portals.
+A message row is written once and never updated (see SCHEMA and
+docs/pipeline.md, "The hold store"); decisions are watermarks, release chunks
+and a per-portal produced seq. Rows are keyed so that redelivered records are
+no-ops: (portal, message id, part) for messages, the portal key for portals.
 """
 
 from __future__ import annotations
