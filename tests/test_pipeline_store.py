@@ -56,6 +56,11 @@ class Feed:
         await self.store.apply(batch)
 
 
+def stores(pool: asyncpg.Pool, **backfill: int) -> tuple[Store, Feed]:
+    store = Store(pool, BackfillSettings(**backfill))  # type: ignore[arg-type]
+    return store, Feed(store)
+
+
 async def outbox(store: Store) -> list[tuple[str, int, str]]:
     """Every command not yet in the log: (portal, seq, message id), in order."""
     out = []
@@ -80,8 +85,7 @@ def ids(sent: Iterable[tuple[str, int, str]]) -> list[str]:
 
 
 async def test_live_reaction_to_held_history_waits_for_the_catch_up(pool: asyncpg.Pool) -> None:
-    store = Store(pool, BackfillSettings())
-    feed = Feed(store)
+    store, feed = stores(pool)
     portal = unique("hb")
     key = f"testnet:{portal}"
     room = RoomCreated(network="testnet", portal=portal, room_id="!r:test")
@@ -123,8 +127,7 @@ async def test_live_reaction_to_held_history_waits_for_the_catch_up(pool: asyncp
 async def test_held_history_is_not_decided_by_forwarded_live_messages(
     pool: asyncpg.Pool,
 ) -> None:
-    store = Store(pool, BackfillSettings())
-    feed = Feed(store)
+    store, feed = stores(pool)
     portal = unique("mix")
     room = RoomCreated(network="testnet", portal=portal, room_id="!r:test")
     await feed("events", room)
@@ -143,8 +146,7 @@ async def test_held_history_is_not_decided_by_forwarded_live_messages(
 
 async def test_one_batch_acts_as_its_records_one_by_one(pool: asyncpg.Pool) -> None:
     """A release in the middle of a batch sees only what arrived before it."""
-    store = Store(pool, BackfillSettings())
-    feed = Feed(store)
+    store, feed = stores(pool)
     a, b = unique("one"), unique("two")
     room_a = RoomCreated(network="testnet", portal=a, room_id="!a:test")
     room_b = RoomCreated(network="testnet", portal=b, room_id="!b:test")
@@ -180,8 +182,7 @@ async def test_one_batch_acts_as_its_records_one_by_one(pool: asyncpg.Pool) -> N
 async def test_a_gap_in_the_log_is_filled_without_producing_anything_twice(
     pool: asyncpg.Pool,
 ) -> None:
-    store = Store(pool, BackfillSettings())
-    feed = Feed(store)
+    store, feed = stores(pool)
     portal = unique("gap")
     key = f"testnet:{portal}"
     history = [msg(portal, f"m{i}", BASE_TS + i) for i in range(6)]
@@ -204,8 +205,7 @@ async def test_a_gap_in_the_log_is_filled_without_producing_anything_twice(
 
 
 async def test_redelivered_batch_changes_nothing(pool: asyncpg.Pool) -> None:
-    store = Store(pool, BackfillSettings(max_initial_messages=2))
-    feed = Feed(store)
+    store, feed = stores(pool, max_initial_messages=2)
     portal = unique("redo")
     history = [msg(portal, f"m{i}", BASE_TS + i) for i in range(4)]
     await feed("history", *history, done(portal))
