@@ -16,10 +16,10 @@ import click
 import orjson
 
 from backflow.processes import spawn, stop
-from backflow.settings import Settings, load
 from connectors.publish import publish_source
 from connectors.sources.jsonl import JsonlSource
 from topics.provision import provision
+from topics.settings import Settings, load
 
 DEMO_FILE = Path(__file__).with_name("demo.jsonl")
 DEADLINE_S = 240
@@ -36,7 +36,7 @@ def expected_events(path: Path) -> dict[str, int]:
 
 
 async def room_timelines(settings: Settings, portals: list[str]) -> dict[str, list[str]]:
-    from connectors.matrix.commands import timeline_lines
+    from backflow.cli.sink import timeline_lines
     from connectors.matrix.sink import SinkError
 
     out: dict[str, list[str]] = {}

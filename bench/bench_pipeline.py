@@ -41,14 +41,14 @@ from aiokafka.admin import AIOKafkaAdminClient
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from backflow import bus  # noqa: E402
-from backflow.settings import load  # noqa: E402
 from backflow.stack.kafka import EmbeddedKafka  # noqa: E402
 from backflow.stack.postgres import create_database, drop_database, resolve_admin_url  # noqa: E402
 from tests.pipeline_support import BASE_TS, Worker, done, info, msg  # noqa: E402
+from topics import bus  # noqa: E402
 from topics.codec import encode  # noqa: E402
 from topics.provision import provision  # noqa: E402
 from topics.records import RoomCreated  # noqa: E402
+from topics.settings import load  # noqa: E402
 
 
 def make_records(portals: int, per_portal: int, round_no: int = 0) -> list[tuple[bytes, bytes]]:

@@ -40,8 +40,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from backflow import bus  # noqa: E402
-from backflow.settings import load  # noqa: E402
 from backflow.stack.kafka import EmbeddedKafka  # noqa: E402
 from backflow.stack.postgres import (  # noqa: E402
     LOCAL_URL,
@@ -58,8 +56,10 @@ from backflow.stack.synapse import (  # noqa: E402
 from connectors.matrix.client import MatrixClient  # noqa: E402
 from connectors.matrix.ghosts import ghost_localpart  # noqa: E402
 from connectors.matrix.sink import run_sink  # noqa: E402
+from topics import bus  # noqa: E402
 from topics.provision import provision  # noqa: E402
 from topics.records import Content, CreateRoom, Member, NetworkMessage, Sender, SendMessage  # noqa: E402
+from topics.settings import load  # noqa: E402
 
 BASE_TS = 1_600_000_000_000
 SENDERS = 3

@@ -17,11 +17,11 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from backflow import bus
-from backflow.settings import Settings, SettingsError
 from connectors.publish import Publisher
+from topics import bus
 from topics.codec import RecordError, from_dict
 from topics.records import NetworkMessage, PortalInfo
+from topics.settings import Settings, SettingsError
 
 STAGE = "ingest"
 

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from backflow import bus
-from backflow.settings import Settings
 from connectors.base import Rejected, Source
+from topics import bus
 from topics.codec import RecordError, from_dict, to_dict
 from topics.records import HistoryComplete, NetworkMessage, PortalInfo, Record, SyncComplete
+from topics.settings import Settings
 
 # Outstanding sends before we wait for acks: bounds memory, keeps batching.
 WINDOW = 2_000

@@ -23,9 +23,9 @@ from faust.types import Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from backflow import bus
-from backflow.settings import Settings
 from pipeline.processors import Runtime
+from topics import bus
+from topics.settings import Settings
 
 log = logging.getLogger("backflow.pipeline")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from backflow.settings import BackfillSettings
 from pipeline import policy
 from topics.codec import encode
 from topics.records import (
@@ -31,6 +30,7 @@ from topics.records import (
     RoomCreated,
     SyncComplete,
 )
+from topics.settings import BackfillSettings
 
 # Portal states (what `backflow status` shows).
 HELD = "held"  # no room requested yet

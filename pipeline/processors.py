@@ -22,12 +22,12 @@ import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from backflow import bus
-from backflow.settings import Settings
 from pipeline.batch import Incoming
 from pipeline.state import OutboxPortal, Outcome, Store, init_schema, send_command
+from topics import bus
 from topics.codec import RecordError, decode
 from topics.records import DeadLetter
+from topics.settings import Settings
 
 log = logging.getLogger("backflow.pipeline")
 

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from backflow.settings import BackfillSettings
 from pipeline import batch as batch_mod
 from pipeline import policy
 from pipeline.batch import Incoming, Portal
@@ -36,6 +35,7 @@ from topics.records import (
     PortalInfo,
     RoomCreated,
 )
+from topics.settings import BackfillSettings
 
 # Bumped when the tables change shape; a database of another version is refused
 # with a clear error instead of failing on a missing column mid-batch.

@@ -7,8 +7,8 @@ from typing import Any
 
 import asyncpg
 
-from backflow.settings import Settings
 from pipeline.state import init_schema
+from topics.settings import Settings
 
 _QUERY = """
 SELECT p.key, p.state, p.room_id, p.history_complete, p.last_bridged_ts, p.last_error,

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import os
 
-from backflow import settings as settings_mod
-from backflow.settings import Settings
+from topics import settings as settings_mod
+from topics.settings import Settings
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:

@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from backflow.settings import Settings, load
 from backflow.stack.kafka import EmbeddedKafka
 from backflow.stack.postgres import create_database, drop_database, resolve_admin_url
 from backflow.stack.synapse import Appservice, Synapse, default_appservice
 from topics.provision import provision
+from topics.settings import Settings, load
 
 # Partitions per topic in tests: enough to spread portals, few enough to
 # keep consumer-group rebalances quick on the mock broker.

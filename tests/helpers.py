@@ -5,12 +5,17 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from pathlib import Path
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from backflow.settings import Settings
 from topics.codec import decode
 from topics.records import Record
+from topics.settings import Settings
+
+TESTS = Path(__file__).resolve().parent
+REPO = TESTS.parent
+SAMPLES = TESTS / "samples"
 
 
 def free_port() -> int:

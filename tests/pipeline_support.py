@@ -20,7 +20,6 @@ from typing import Any
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from backflow.settings import Settings
 from tests.helpers import read_raw, stage_env
 from topics.codec import decode, encode
 from topics.records import (
@@ -35,6 +34,7 @@ from topics.records import (
     SendMessage,
     SyncComplete,
 )
+from topics.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_TS = 1_700_000_000_000

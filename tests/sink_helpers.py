@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from backflow import bus
-from backflow.settings import Settings
 from connectors.matrix.client import MatrixClient
 from connectors.matrix.registration import load_registration
+from topics import bus
 from topics.records import Content, CreateRoom, Member, NetworkMessage, Record, Sender, SendMessage
+from topics.settings import Settings
 
 BASE_TS = 1_600_000_000_000
 NET = "testnet"

@@ -35,15 +35,15 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
-from backflow import bus
-from backflow.settings import Settings
 from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable, MediaError
 from connectors.matrix.content import SOURCE_KEY, build_content, redaction_content
 from connectors.matrix.ghosts import alias_localpart, ghost_localpart
 from connectors.matrix.registration import Registration, RegistrationError, load_registration
 from connectors.matrix.store import Intent, Mapped, Store, StoreUnreachable
+from topics import bus
 from topics.codec import RecordError, decode
 from topics.records import CreateRoom, NetworkMessage, RoomCreated, SendMessage, portal_key
+from topics.settings import Settings
 
 log = logging.getLogger("backflow.sink")
 

@@ -1,6 +1,6 @@
 """Run the sink as its own process: ``python -m connectors.matrix.sink_main``.
 
-Settings come from ``backflow.settings.load()`` (BACKFLOW_* environment,
+Settings come from ``topics.settings.load()`` (BACKFLOW_* environment,
 config file, stack.env). Used by the crash tests (SIGKILL at random points)
 and handy for deployments that run the sink apart from the CLI.
 """
@@ -13,8 +13,8 @@ import logging
 import signal
 import sys
 
-from backflow.settings import SettingsError, load
 from connectors.matrix.sink import SinkError, run_sink
+from topics.settings import SettingsError, load
 
 
 async def _main(idle_exit: float | None) -> int:

@@ -19,9 +19,10 @@ from connectors.sources.whatsapp import (
     portal_id,
     sender_id,
 )
+from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, NetworkMessage, PortalInfo, Sender
 
-SAMPLES = Path(__file__).parent / "samples" / "whatsapp"
+SAMPLES = SAMPLES_DIR / "whatsapp"
 ALICE = Sender(sender_id("Alice"), "Alice")
 BOB = Sender(sender_id("Bob"), "Bob")
 

@@ -11,9 +11,10 @@ import pytest
 
 from connectors.base import Rejected, SourceError
 from connectors.sources.telegram import MAX_INLINE_BYTES, TelegramSource, entities_to_html
+from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
-SAMPLES = Path(__file__).parent / "samples" / "telegram"
+SAMPLES = SAMPLES_DIR / "telegram"
 ALICE = Sender("user111", "Alice")
 BOB = Sender("user222", "Bob")
 

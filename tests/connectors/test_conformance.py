@@ -26,9 +26,8 @@ from connectors.sources.slack import SlackSource
 from connectors.sources.telegram import TelegramSource
 from connectors.sources.whatsapp import WhatsAppSource
 from tests.generate_exports import WRITERS, write_jsonl
+from tests.helpers import REPO, SAMPLES
 from topics.records import Content, NetworkMessage, PortalInfo, Sender
-
-SAMPLES = Path(__file__).parent / "samples"
 
 # Modest sizes keep the suite fast; 10x is what matters for spotting O(n) memory.
 SMALL, LARGE = 2_000, 20_000
@@ -159,6 +158,6 @@ def test_kit_catches_missing_kinds_and_memory_growth() -> None:
 
 
 def test_guide_shows_the_example_source_verbatim() -> None:
-    guide = (Path(__file__).parent.parent / "docs" / "connectors.md").read_text()
-    code = (Path(__file__).parent.parent / "connectors/sources/example_csv.py").read_text()
+    guide = (REPO / "docs" / "connectors.md").read_text()
+    code = (REPO / "connectors/sources/example_csv.py").read_text()
     assert f"```python\n{code}```" in guide

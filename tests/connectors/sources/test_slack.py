@@ -9,9 +9,10 @@ import pytest
 
 from connectors.base import Rejected, SourceError
 from connectors.sources.slack import SlackSource, _Mrkdwn, emoji, ts_ms
+from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
-SAMPLES = Path(__file__).parent / "samples" / "slack"
+SAMPLES = SAMPLES_DIR / "slack"
 ALICE = Sender("U01ALICE", "alice")
 BOB = Sender("U02BOB", "Bob Builder")
 

@@ -7,9 +7,9 @@ import sys
 
 import orjson
 
-from backflow.settings import Settings
 from tests.helpers import read_topic, stage_env
 from topics.records import HistoryComplete, NetworkMessage, PortalInfo, SyncComplete
+from topics.settings import Settings
 
 TS = 1_700_000_000_000
 
@@ -107,7 +107,7 @@ async def test_unknown_format_lists_installed(stack, tmp_path):
 
 
 def test_progress_line_shows_bar_counts_rate_and_eta():
-    from backflow.cli import progress_line
+    from backflow.cli.main import progress_line
     from connectors.publish import ImportSummary
 
     summary = ImportSummary("jsonl", portals=3, messages=1200, rejected=2, seconds=4.0)

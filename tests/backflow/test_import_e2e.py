@@ -21,10 +21,9 @@ import yaml
 from connectors.base import available
 from connectors.matrix.ghosts import ghost_user_id
 from tests.conftest import make_settings
-from tests.helpers import portal_timeline, stage_env
+from tests.helpers import SAMPLES, portal_timeline, stage_env
 from topics.records import NetworkMessage
 
-SAMPLES = Path(__file__).parent / "samples"
 SHOWN_KINDS = ("text", "notice", "emote", "media", "location")
 
 

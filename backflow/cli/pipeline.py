@@ -1,4 +1,4 @@
-"""Click commands of the pipeline, wired into the ``backflow`` group by backflow/cli.py.
+"""Click commands of the pipeline, wired into the ``backflow`` group by backflow/cli/main.py.
 
 Both read the Settings object from ``ctx.obj["settings"]``.
 """
@@ -11,14 +11,14 @@ from datetime import UTC, datetime
 
 import click
 
-from backflow.settings import Settings
+from topics.settings import Settings
 
 
 def _settings(ctx: click.Context) -> Settings:
     obj = ctx.obj or {}
     settings = obj.get("settings")
     if settings is None:
-        from backflow.settings import load
+        from topics.settings import load
 
         settings = load()
     return settings

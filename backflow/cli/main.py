@@ -1,7 +1,7 @@
 """`backflow`: the one command for everything an operator does.
 
-Each stage owns its commands (pipeline/commands.py, connectors/...); this
-module only assembles the group, loads the settings once and turns expected
+The pipeline's commands are in cli/pipeline.py, the sink's in cli/sink.py;
+this module assembles the group, loads the settings once and turns expected
 failures (bad config, unreachable services, unreadable input) into one clear
 line instead of a traceback.
 """
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import click
 
-from backflow import bus
-from backflow.settings import Settings, SettingsError, load
 from connectors.base import SourceError, available
 from connectors.publish import ImportSummary
+from topics import bus
 from topics.provision import ProvisionError, provision
+from topics.settings import Settings, SettingsError, load
 
 # Failures an operator can act on: reported as one line, exit status 1.
 EXPECTED = (SettingsError, bus.BusError, SourceError, ProvisionError, OSError)
@@ -270,9 +270,8 @@ def demo(ctx: click.Context) -> None:
 
 
 def _register_stage_commands() -> None:
-    # Each stage owns its commands; the group only lists them.
-    from connectors.matrix.commands import show_command, sink_command
-    from pipeline.commands import status, worker
+    from backflow.cli.pipeline import status, worker
+    from backflow.cli.sink import show_command, sink_command
 
     for command in (worker, status, sink_command, show_command):
         cli.add_command(command)

@@ -11,9 +11,9 @@ from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from backflow.settings import Settings
 from topics.codec import encode
 from topics.records import DeadLetter, Record
+from topics.settings import Settings
 
 
 class BusError(RuntimeError):

@@ -14,7 +14,6 @@ import asyncpg
 import orjson
 import pytest
 
-from backflow.settings import BackfillSettings
 from backflow.stack.postgres import create_database
 from pipeline import policy
 from pipeline.batch import Incoming
@@ -23,6 +22,7 @@ from pipeline.status import status_rows
 from tests.conftest import CREATED_DATABASES
 from tests.pipeline_support import BASE_TS, done, msg, unique
 from topics.records import RoomCreated
+from topics.settings import BackfillSettings
 
 
 @pytest.fixture

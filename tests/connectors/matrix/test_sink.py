@@ -11,7 +11,6 @@ import uuid
 
 import orjson
 
-from backflow.settings import Settings
 from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.ghosts import ghost_user_id, room_alias
 from connectors.matrix.registration import load_registration
@@ -33,6 +32,7 @@ from tests.sink_helpers import (
 )
 from topics.codec import decode
 from topics.records import Content, RoomCreated, SendMessage
+from topics.settings import Settings
 
 
 def portal_id() -> str:
@@ -303,7 +303,7 @@ async def test_in_doubt_sends_are_settled_not_resent(stack: Settings) -> None:
 async def test_show_and_clear_errors(stack: Settings) -> None:
     from click.testing import CliRunner
 
-    from connectors.matrix.commands import show_command, sink_command, timeline_lines
+    from backflow.cli.sink import show_command, sink_command, timeline_lines
     from connectors.matrix.sink import SinkError
 
     portal = portal_id()

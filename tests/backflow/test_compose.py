@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 import yaml
 
-from backflow.cli import cli
-from backflow.settings import KNOWN_ENV, _env_overrides, load
+from backflow.cli.main import cli
+from tests.helpers import REPO
+from topics.settings import KNOWN_ENV, _env_overrides, load
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = REPO
 COMPOSE = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
 SERVICES = COMPOSE["services"]
 
@@ -53,7 +52,7 @@ def test_environment_names_are_settings_the_code_reads():
             known = key in KNOWN_ENV or any(
                 key == "BACKFLOW_" + dotted.replace(".", "_").upper() for dotted in mapped
             )
-            assert known, f"{name}: {key} is not read by backflow.settings"
+            assert known, f"{name}: {key} is not read by topics.settings"
         # And the values parse as settings.
         settings = load(env={k: v for k, v in backflow_env.items() if k != "BACKFLOW_CONFIG"})
         assert settings.kafka.bootstrap == "kafka:9092"

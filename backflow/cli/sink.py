@@ -15,12 +15,12 @@ from typing import Any
 
 import click
 
-from backflow.settings import Settings
 from connectors.matrix.client import MatrixError
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.sink import SinkError, SinkStats, open_client, run_sink
 from connectors.matrix.store import Store, StoreUnreachable
+from topics.settings import Settings
 
 PROGRESS_INTERVAL = 10.0
 

@@ -18,11 +18,11 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-from backflow.settings import Settings
 from backflow.stack.synapse import Synapse
 from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.sink import run_sink
 from connectors.matrix.store import Store
+from tests.helpers import REPO
 from tests.sink_helpers import (
     BASE_TS,
     NET,
@@ -33,8 +33,7 @@ from tests.sink_helpers import (
     sends,
     text,
 )
-
-REPO = Path(__file__).resolve().parent.parent
+from topics.settings import Settings
 
 
 def backfill(portals: int, per_portal: int, senders: int = 3) -> dict[str, list]:

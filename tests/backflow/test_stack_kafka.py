@@ -15,8 +15,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from backflow.stack.kafka import EmbeddedKafka, EmbeddedKafkaError
-
-HERE = Path(__file__).resolve().parent
+from tests.helpers import TESTS
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +124,7 @@ async def test_faust_agent_runs_on_mock_cluster(kafka: EmbeddedKafka, tmp_path: 
     )
     log = open(tmp_path / "faust.log", "wb")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "faust_stack_app.py")],
+        [sys.executable, str(TESTS / "faust_stack_app.py")],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     consumer = AIOKafkaConsumer(

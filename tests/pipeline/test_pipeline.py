@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from backflow.settings import Settings
 from pipeline.status import portal_status
 from tests.pipeline_support import (
     BASE_TS,
@@ -30,6 +29,7 @@ from tests.pipeline_support import (
 )
 from topics.codec import encode
 from topics.records import RoomCreated
+from topics.settings import Settings
 
 
 @pytest.fixture(scope="module")

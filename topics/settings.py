@@ -213,8 +213,3 @@ def load(config: Path | None = None, env: dict[str, str] | None = None) -> Setti
     settings = _apply(settings, _env_overrides(stack_env), source=str(state_dir / "stack.env"))
     settings = _apply(settings, _env_overrides(env), source="environment")
     return settings
-
-
-def stack_env(settings: Settings) -> dict[str, str]:
-    """The variables the embedded stack exports (for `backflow stack env`)."""
-    return read_env_file(settings.state_dir / "stack.env")

@@ -1,0 +1,1 @@
+"""The operator layer's one command, ``backflow`` (main.py assembles it)."""

@@ -1,0 +1,5 @@
+"""``python -m backflow.cli``: the same as the ``backflow`` command."""
+
+from backflow.cli.main import main
+
+main()
