@@ -84,7 +84,7 @@ def _reset_peak_rss() -> bool:
 def child(connector: str, path: str) -> None:
     import gc
 
-    from connectors.base import Rejected, available
+    from connectors.source import Rejected, available
     from topics.records import NetworkMessage
 
     source = available()[connector](Path(path))

@@ -22,8 +22,9 @@ import time
 import tracemalloc
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from connectors.base import Item, Rejected, Source
+from connectors.source import Rejected, Source, SourceItem
 from topics.codec import RecordError, decode, encode
 from topics.records import MIN_TS, NetworkMessage, PortalInfo
 
@@ -57,17 +58,35 @@ def collect(source: Source) -> tuple[list[Record], list[Rejected]]:
     return records, rejected
 
 
+def run(
+    make: Callable[[Path, dict[str, str]], Source], path: Path, **options: str
+) -> tuple[list[Record], list[Rejected], Source]:
+    """Build a source for ``path`` with ``options`` and collect it: (records, rejected, source).
+
+    The source comes back too, for its ``stats`` after the run.
+    """
+    source = make(Path(path), options)
+    records, rejected = collect(source)
+    return records, rejected, source
+
+
+def messages(records: Iterable[SourceItem]) -> list[NetworkMessage]:
+    """The messages among collected records, in order."""
+    return [r for r in records if isinstance(r, NetworkMessage)]
+
+
+def by_id(records: Iterable[SourceItem]) -> dict[tuple[str, int], NetworkMessage]:
+    """The messages among collected records by (message id, part)."""
+    return {(m.id, m.part): m for m in messages(records)}
+
+
 def _describe(record: Record) -> str:
     if isinstance(record, NetworkMessage):
         return f"message {record.portal}/{record.id} part {record.part}"
     return f"portal {record.portal}"
 
 
-def _messages(records: Iterable[Item]) -> list[NetworkMessage]:
-    return [r for r in records if isinstance(r, NetworkMessage)]
-
-
-def assert_valid_records(records: Iterable[Item]) -> None:
+def assert_valid_records(records: Iterable[SourceItem]) -> None:
     """Every record round-trips through the one codec unchanged.
 
     Catches fields the schema does not carry for a kind (e.g. ``html`` on
@@ -86,12 +105,12 @@ def assert_valid_records(records: Iterable[Item]) -> None:
             )
 
 
-def message_keys(records: Iterable[Item]) -> list[tuple[str, str, int]]:
+def message_keys(records: Iterable[SourceItem]) -> list[tuple[str, str, int]]:
     """The identity of each message as the pipeline sees it: (portal, id, part)."""
-    return [(m.portal, m.id, m.part) for m in _messages(records)]
+    return [(m.portal, m.id, m.part) for m in messages(records)]
 
 
-def assert_unique_ids(records: Iterable[Item]) -> None:
+def assert_unique_ids(records: Iterable[SourceItem]) -> None:
     """No two messages share (portal, id, part): the pipeline would drop one."""
     seen: set[tuple[str, str, int]] = set()
     for key in message_keys(records):
@@ -117,11 +136,11 @@ def assert_ids_stable(make_source: MakeSource) -> list[Record]:
 
 
 def assert_timestamps_sane(
-    records: Iterable[Item], skew_ms: int = DEFAULT_SKEW_MS, now_ms: int | None = None
+    records: Iterable[SourceItem], skew_ms: int = DEFAULT_SKEW_MS, now_ms: int | None = None
 ) -> None:
     """Timestamps are integer Unix ms, not before 2000 and not in the future (beyond skew)."""
     limit = (now_ms if now_ms is not None else int(time.time() * 1000)) + skew_ms
-    for m in _messages(records):
+    for m in messages(records):
         if isinstance(m.ts, bool) or not isinstance(m.ts, int):
             raise AssertionError(f"{_describe(m)}: ts {m.ts!r} is not an integer")
         if m.ts < MIN_TS:
@@ -130,7 +149,7 @@ def assert_timestamps_sane(
             raise AssertionError(f"{_describe(m)}: ts {m.ts} is in the future (microseconds?)")
 
 
-def assert_portal_metadata(records: Iterable[Item]) -> None:
+def assert_portal_metadata(records: Iterable[SourceItem]) -> None:
     """Every portal a message uses has a PortalInfo with a name, yielded before the message."""
     named: set[tuple[str, str]] = set()
     described: set[tuple[str, str]] = set()
@@ -147,19 +166,19 @@ def assert_portal_metadata(records: Iterable[Item]) -> None:
         raise AssertionError(f"portals without a name: {sorted(missing)}")
 
 
-def assert_content_kinds(records: Iterable[Item], expected_kinds: Iterable[str]) -> None:
+def assert_content_kinds(records: Iterable[SourceItem], expected_kinds: Iterable[str]) -> None:
     """At least the given content kinds occur (a parser that lost a kind fails here)."""
-    found = {m.content.kind for m in _messages(records)}
+    found = {m.content.kind for m in messages(records)}
     missing = set(expected_kinds) - found
     if missing:
         raise AssertionError(f"content kinds not produced: {sorted(missing)} (got {sorted(found)})")
 
 
-def assert_dependents_follow_targets(records: Iterable[Item]) -> None:
+def assert_dependents_follow_targets(records: Iterable[SourceItem]) -> None:
     """Reactions, edits and redactions whose target is in the input come after it."""
     seen: set[tuple[str, str]] = set()
     pending: dict[tuple[str, str], str] = {}
-    for m in _messages(records):
+    for m in messages(records):
         seen.add((m.portal, m.id))
         target = m.content.target
         if target and (m.portal, target) not in seen:
@@ -224,7 +243,7 @@ def check_source(
     records, rejected = collect(source)
     if not allow_rejected and rejected:
         raise AssertionError(f"unexpected rejects: {rejected[:3]}")
-    if not _messages(records):
+    if not messages(records):
         raise AssertionError("the source yielded no messages")
     assert_valid_records(records)
     assert_unique_ids(records)

@@ -20,10 +20,9 @@ from aiohttp import web
 from connectors.publish import Publisher
 from topics import bus
 from topics.codec import RecordError, from_dict
+from topics.deadletter import Stage
 from topics.records import NetworkMessage, PortalInfo
 from topics.settings import Settings, SettingsError
-
-STAGE = "ingest"
 
 
 def _error(status: int, errcode: str, message: str, **extra: Any) -> web.Response:
@@ -79,7 +78,7 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
             records = parse_body(raw)
         except RecordError as exc:
             async with lock:
-                await publisher.reject(f"{request.remote} {request.path}", str(exc), raw[:100_000])
+                await publisher.reject(f"http:{request.remote}{request.path}", str(exc), raw)
                 await publisher.flush()
             return _error(400, "M_BAD_JSON", str(exc), field=exc.field, reason=exc.reason)
         async with lock:
@@ -104,7 +103,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await bus.start(producer, settings)
     runner: web.AppRunner | None = None
     try:
-        app = make_app(settings, Publisher(settings, producer, STAGE))
+        app = make_app(settings, Publisher(settings, producer, Stage.INGEST))
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()

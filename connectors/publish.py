@@ -20,9 +20,10 @@ from dataclasses import dataclass, field
 import orjson
 from aiokafka import AIOKafkaProducer
 
-from connectors.base import Rejected, Source
+from connectors.source import Rejected, Source
 from topics import bus
 from topics.codec import RecordError, from_dict, to_dict
+from topics.deadletter import DeadLetters, Stage
 from topics.records import HistoryComplete, NetworkMessage, PortalInfo, Record, SyncComplete
 from topics.settings import Settings
 
@@ -68,16 +69,19 @@ def _reason_class(reason: str) -> str:
 class Publisher:
     """Publishes validated records for one run; shared by importers and ingest."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer, stage: str) -> None:
+    def __init__(self, settings: Settings, producer: AIOKafkaProducer, stage: Stage) -> None:
         self.settings = settings
         self.producer = producer
-        self.stage = stage
         self.catalog = settings.catalog
+        self.dead_letters = DeadLetters(producer, self.catalog.dead_letters, stage)
         self._pending: list = []
 
     async def send(self, topic: str, record: Record, key: str | None = None) -> None:
         """Queue one record; waits for acks every WINDOW records."""
-        self._pending.append(await bus.send(self.producer, topic, record, key))
+        await self._track(await bus.send(self.producer, topic, record, key))
+
+    async def _track(self, future: object) -> None:
+        self._pending.append(future)
         if len(self._pending) >= WINDOW:
             await self.flush()
 
@@ -98,9 +102,12 @@ class Publisher:
         await self.send(self.catalog.live if live else self.catalog.history, checked)
         return checked
 
-    async def reject(self, where: str, reason: str, original: str | bytes, key: str | None = None):
-        letter = bus.dead_letter(self.stage, f"{where}: {reason}", original, where, key)
-        await self.send(self.catalog.dead_letters, letter, key=key or self.stage)
+    async def reject(
+        self, where: str, reason: str, original: str | bytes, key: str | None = None
+    ) -> None:
+        """Dead-letter input that was refused; ``where`` is its file:line (or request)."""
+        letter = self.dead_letters.build(reason, original, source=where, key=key)
+        await self._track(await self.dead_letters.queue(letter))
 
 
 async def publish_source(
@@ -115,7 +122,7 @@ async def publish_source(
     producer = bus.producer(settings)
     await bus.start(producer, settings)
     counts: dict[tuple[str, str], int] = {}  # (network, portal) -> history messages
-    publisher = Publisher(settings, producer, stage=f"import.{source.name}")
+    publisher = Publisher(settings, producer, Stage.IMPORT)
     try:
         for n, item in enumerate(source.read(), start=1):
             if isinstance(item, Rejected):

@@ -24,8 +24,7 @@ class TopicSpec:
     retention_ms: int
     cleanup_policy: str
     key: str
-    values: tuple[str, ...]
-    purpose: str
+    values: tuple[str, ...]  # record types it carries
 
     def config(self) -> dict[str, str]:
         return {"retention.ms": str(self.retention_ms), "cleanup.policy": self.cleanup_policy}
@@ -69,6 +68,7 @@ class Catalog:
     def specs(self) -> list[TopicSpec]:
         p = self.partitions
         return [
+            # History from network connectors and importers; kept forever for replay.
             TopicSpec(
                 self.history,
                 p,
@@ -76,8 +76,8 @@ class Catalog:
                 "delete",
                 "portal",
                 ("message", "portal", "history_complete", "sync_complete"),
-                "History from network connectors and importers; kept forever for replay.",
             ),
+            # Live messages and portal updates from running bridges; kept for replay.
             TopicSpec(
                 self.live,
                 p,
@@ -85,8 +85,8 @@ class Catalog:
                 "delete",
                 "portal",
                 ("message", "portal"),
-                "Live messages and portal updates from running bridges; kept for replay.",
             ),
+            # What the sink did to a portal (room created); the pipeline waits on it.
             TopicSpec(
                 self.portal_events,
                 p,
@@ -94,8 +94,8 @@ class Catalog:
                 "delete",
                 "portal",
                 ("room_created",),
-                "What the sink did to a portal (room created); the pipeline waits on it.",
             ),
+            # Ordered commands for the Matrix sink; rebuilt from history on replay.
             TopicSpec(
                 self.matrix_commands,
                 p,
@@ -103,8 +103,8 @@ class Catalog:
                 "delete",
                 "portal",
                 ("create_room", "send"),
-                "Ordered commands for the Matrix sink; rebuilt from history on replay.",
             ),
+            # Records a stage could not handle, with the stage, reason and original bytes.
             TopicSpec(
                 self.dead_letters,
                 p,
@@ -112,6 +112,5 @@ class Catalog:
                 "delete",
                 "original key",
                 ("dead_letter",),
-                "Records a stage could not handle, with the stage, reason and original bytes.",
             ),
         ]

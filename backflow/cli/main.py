@@ -15,8 +15,8 @@ from pathlib import Path
 
 import click
 
-from connectors.base import SourceError, available
 from connectors.publish import ImportSummary
+from connectors.source import SourceError, available
 from topics import bus
 from topics.provision import ProvisionError, provision
 from topics.settings import Settings, SettingsError, load

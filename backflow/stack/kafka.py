@@ -1,6 +1,6 @@
 """Embedded Kafka broker: librdkafka's mock cluster, driven through ctypes.
 
-No Kafka broker is installable here (BRIEF section 4), but the confluent-kafka
+No Kafka broker is installable here (docs/kafka.md), but the confluent-kafka
 wheel ships librdkafka, whose mock cluster speaks the real Kafka wire protocol
 in memory. We start it directly so that *other* clients (aiokafka, faust) can
 connect to its bootstrap address like to any broker.

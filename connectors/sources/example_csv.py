@@ -12,7 +12,7 @@ import csv
 from collections.abc import Iterator
 from datetime import datetime
 
-from connectors.base import Item, Rejected, Source, SourceError
+from connectors.source import Rejected, Source, SourceError, SourceItem
 from topics.records import Content, NetworkMessage, PortalInfo, Sender
 
 COLUMNS = ("portal", "id", "sender", "ts", "body")
@@ -35,7 +35,7 @@ class CsvSource(Source):
     network = "csv"
     description = "example: one message per CSV row (portal,id,sender,ts,body)"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         # Option network=… lets one CSV importer serve any network name.
         network = self.options.get("network", self.network)
         try:

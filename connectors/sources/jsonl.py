@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from connectors.base import Item, Rejected, Source, SourceError
+from connectors.source import Rejected, Source, SourceError, SourceItem
 from topics.codec import RecordError, decode
 from topics.records import NetworkMessage, PortalInfo
 
@@ -18,7 +18,7 @@ class JsonlSource(Source):
     name = "jsonl"
     description = "canonical backflow records, one JSON object per line"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         try:
             handle = self.path.open("rb")
         except OSError as exc:

@@ -34,7 +34,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from connectors.base import Item, Rejected, Source, SourceError
+from connectors.source import Rejected, Source, SourceError, SourceItem
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 CONVERSATION_FILES = ("channels.json", "groups.json", "mpims.json", "dms.json")
@@ -352,14 +352,14 @@ class SlackSource(Source):
     network = "slack"
     description = "Slack workspace export (.zip or its unpacked folder)"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         export = _Export(self.path, self.track)
         try:
             yield from self._read(export)
         finally:
             export.close()
 
-    def _read(self, export: _Export) -> Iterator[Item]:
+    def _read(self, export: _Export) -> Iterator[SourceItem]:
         stats = self.stats
         for key in ("messages", "reactions", "files_linked", "skipped"):
             stats.setdefault(key, 0)
@@ -422,7 +422,7 @@ class SlackSource(Source):
             network=self.network, portal=conv["id"], name=name, topic=topic, members=members
         )
 
-    def _conversation(self, export: _Export, portal: str, folder: str) -> Iterator[Item]:
+    def _conversation(self, export: _Export, portal: str, folder: str) -> Iterator[SourceItem]:
         for day in export.days.get(folder, ()):
             name = f"{folder}/{day}.json"
             try:
@@ -461,7 +461,7 @@ class SlackSource(Source):
         )
         return Sender(id=user, name=name)
 
-    def _message(self, portal: str, msg: dict[str, Any], where: str) -> Iterator[Item]:
+    def _message(self, portal: str, msg: dict[str, Any], where: str) -> Iterator[SourceItem]:
         subtype = msg.get("subtype")
         if subtype in SKIP_SUBTYPES or msg.get("hidden"):
             self.stats["skipped"] += 1

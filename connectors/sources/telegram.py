@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import ijson
 
-from connectors.base import Item, Rejected, Source, SourceError
+from connectors.source import Rejected, Source, SourceError, SourceItem
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -129,7 +129,7 @@ class TelegramSource(Source):
     network = "telegram"
     description = "Telegram Desktop JSON export (folder or result.json; one chat or all)"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         path = self.path / "result.json" if self.path.is_dir() else self.path
         if not path.is_file():
             raise SourceError(f"{path}: no such file (expected a Telegram export's result.json)")
@@ -214,7 +214,7 @@ class TelegramSource(Source):
         local = datetime.fromisoformat(str(msg["date"]))
         return int(local.replace(tzinfo=self.zone).timestamp()) * 1000
 
-    def _message(self, chat: dict[str, Any], msg: Any) -> Iterator[Item]:
+    def _message(self, chat: dict[str, Any], msg: Any) -> Iterator[SourceItem]:
         portal = chat["portal"]
         where = f"{self.file}:chat {portal}"
         if not isinstance(msg, dict) or not isinstance(msg.get("id"), int | float):

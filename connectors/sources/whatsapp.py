@@ -35,7 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from connectors.base import Item, Rejected, Source, SourceError
+from connectors.source import Rejected, Source, SourceError, SourceItem
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 # Inline media up to this size; bigger files would not fit a Kafka record.
@@ -252,7 +252,7 @@ class WhatsAppSource(Source):
     network = "whatsapp"
     description = "WhatsApp 'Export chat' .txt or .zip (Android and iOS layouts)"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         zone = self._zone()
         order_option = self.options.get("date_order")
         if order_option not in (None, "dmy", "mdy"):
@@ -318,7 +318,7 @@ class WhatsAppSource(Source):
 
     def _parse(
         self, export: _Export, layout: str, day_first: bool, zone: ZoneInfo
-    ) -> Iterator[Item]:
+    ) -> Iterator[SourceItem]:
         regex = LAYOUTS[layout]
         portal = self.options.get("portal") or portal_id(export.title)
         stats = self.stats
@@ -330,7 +330,7 @@ class WhatsAppSource(Source):
         # Repeat counters only need the current clock reading: exports are in time order.
         state = {"raw_ts": None, "repeats": {}, "seq": 0}
 
-        def flush(p: _Pending) -> Iterator[Item]:
+        def flush(p: _Pending) -> Iterator[SourceItem]:
             if state["raw_ts"] != p.raw_ts:
                 state.update(raw_ts=p.raw_ts, repeats={}, seq=0)
             body = "\n".join(p.lines).rstrip()

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from connectors.base import available
 from connectors.matrix.ghosts import ghost_user_id
+from connectors.source import available
 from tests.conftest import make_settings
 from tests.helpers import SAMPLES, portal_timeline, stage_env
 from topics.records import NetworkMessage

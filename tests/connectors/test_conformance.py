@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from connectors.base import Item, Source, available
 from connectors.conformance import (
     assert_content_kinds,
     assert_ids_stable,
@@ -20,6 +19,7 @@ from connectors.conformance import (
     check_source,
     collect,
 )
+from connectors.source import Source, SourceItem, available
 from connectors.sources.example_csv import CsvSource
 from connectors.sources.jsonl import JsonlSource
 from connectors.sources.slack import SlackSource
@@ -114,7 +114,7 @@ class _Bad(Source):
     name = "bad"
     network = "bad"
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         flags = self.options
         n = int(flags.get("n", "10"))
         if not flags.get("no_portal"):

@@ -78,7 +78,7 @@ async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path)
 
     letters = await read_topic(stack, stack.catalog.dead_letters, expect=4)
     assert sorted(d.source for d in letters) == [f"history.jsonl:{n}" for n in (3, 4, 5, 8)]
-    assert all(d.stage == "import.jsonl" for d in letters)
+    assert all(d.stage == "import" for d in letters)
     by_source = {d.source: d for d in letters}
     assert by_source["history.jsonl:3"].original == "{this is not json"
     assert "field 'content.body'" in by_source["history.jsonl:8"].reason

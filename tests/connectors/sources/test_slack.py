@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.base import Rejected, SourceError
+from connectors.conformance import by_id, run
+from connectors.source import Rejected, SourceError
 from connectors.sources.slack import SlackSource, _Mrkdwn, emoji, ts_ms
 from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
@@ -31,17 +32,7 @@ def export_zip(tmp_path: Path) -> Path:
 
 
 def read(path: Path, **options: str) -> tuple[list, list[Rejected], SlackSource]:
-    source = SlackSource(path, options)
-    items = list(source.read())
-    return (
-        [i for i in items if not isinstance(i, Rejected)],
-        [i for i in items if isinstance(i, Rejected)],
-        source,
-    )
-
-
-def by_id(records: list) -> dict[tuple[str, int], NetworkMessage]:
-    return {(r.id, r.part): r for r in records if isinstance(r, NetworkMessage)}
+    return run(SlackSource, path, **options)  # type: ignore[return-value]
 
 
 def test_portals_in_order_with_members_and_topic(export_zip: Path) -> None:

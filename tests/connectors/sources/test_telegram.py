@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from connectors.base import Rejected, SourceError
+from connectors.conformance import by_id, run
+from connectors.source import Rejected, SourceError
 from connectors.sources.telegram import MAX_INLINE_BYTES, TelegramSource, entities_to_html
 from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
@@ -20,17 +21,7 @@ BOB = Sender("user222", "Bob")
 
 
 def read(path: Path, **options: str) -> tuple[list, list[Rejected], TelegramSource]:
-    source = TelegramSource(path, options)
-    items = list(source.read())
-    return (
-        [i for i in items if not isinstance(i, Rejected)],
-        [i for i in items if isinstance(i, Rejected)],
-        source,
-    )
-
-
-def by_id(records: list) -> dict[tuple[str, int], NetworkMessage]:
-    return {(r.id, r.part): r for r in records if isinstance(r, NetworkMessage)}
+    return run(TelegramSource, path, **options)  # type: ignore[return-value]
 
 
 def test_single_chat_export() -> None:

@@ -11,7 +11,8 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
-from connectors.base import Rejected, SourceError
+from connectors.conformance import messages, run
+from connectors.source import Rejected, SourceError
 from connectors.sources.whatsapp import (
     MAX_INLINE_BYTES,
     SYSTEM_SENDER,
@@ -20,7 +21,7 @@ from connectors.sources.whatsapp import (
     sender_id,
 )
 from tests.helpers import SAMPLES as SAMPLES_DIR
-from topics.records import Content, NetworkMessage, PortalInfo, Sender
+from topics.records import Content, PortalInfo, Sender
 
 SAMPLES = SAMPLES_DIR / "whatsapp"
 ALICE = Sender(sender_id("Alice"), "Alice")
@@ -32,17 +33,7 @@ def ms(*args: int, tz: str = "UTC") -> int:
 
 
 def read(path: Path, **options: str) -> tuple[list, list[Rejected], WhatsAppSource]:
-    source = WhatsAppSource(path, options)
-    items = list(source.read())
-    return (
-        [i for i in items if not isinstance(i, Rejected)],
-        [i for i in items if isinstance(i, Rejected)],
-        source,
-    )
-
-
-def messages(records: list) -> list[NetworkMessage]:
-    return [r for r in records if isinstance(r, NetworkMessage)]
+    return run(WhatsAppSource, path, **options)  # type: ignore[return-value]
 
 
 def summary(records: list) -> list[tuple]:

@@ -34,7 +34,7 @@ class Rejected:
     original: str = ""
 
 
-Item = PortalInfo | NetworkMessage | Rejected
+SourceItem = PortalInfo | NetworkMessage | Rejected
 
 
 class SourceError(Exception):
@@ -60,7 +60,7 @@ class Source:
         self.stats: dict[str, int] = {}
         self._tracked: tuple[IO[bytes], int] | None = None
 
-    def read(self) -> Iterator[Item]:
+    def read(self) -> Iterator[SourceItem]:
         raise NotImplementedError
 
     def track(self, handle: IO[bytes], total: int) -> None:
