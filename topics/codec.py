@@ -1,5 +1,8 @@
 """The one record codec: orjson on the wire, explicit validation on the way in.
 
+The schema's rules live in ``topics.schema``; this module is the only way in
+and out (``encode`` / ``decode``), with a fast path for the common message.
+
 ``decode`` never returns a half-valid record: anything wrong raises
 ``RecordError`` naming the field (dotted path) and the reason, which is what
 importers print and what dead-letter records carry.
@@ -7,47 +10,22 @@ importers print and what dead-letter records carry.
 
 from __future__ import annotations
 
-import re
 from dataclasses import fields
 from typing import Any
 
 import orjson
 
-from topics.records import (
-    MAX_TS,
-    MEDIA_TYPES,
-    MIN_TS,
-    RECORD_TYPES,
-    Content,
-    CreateRoom,
-    DeadLetter,
-    HistoryComplete,
-    Member,
-    NetworkMessage,
-    PortalInfo,
-    Record,
-    RoomCreated,
-    Sender,
-    SendMessage,
-    SyncComplete,
+from topics.records import MAX_TS, MIN_TS, Content, NetworkMessage, Record, Sender, SendMessage
+from topics.schema import (
+    MAX_ID_LEN,
+    MAX_RECORD_BYTES,
+    MAX_TEXT_LEN,
+    NETWORK_RE,
+    RecordError,
+    parse,
 )
 
-# Kafka's default message.max.bytes is ~1 MB; stay under it with headroom.
-MAX_RECORD_BYTES = 900_000
-MAX_ID_LEN = 255
-MAX_TEXT_LEN = 65_536
-
-_NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-
-
-class RecordError(ValueError):
-    """A record that does not match its schema."""
-
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"field '{field}': {reason}" if field else reason)
-        self.field = field
-        self.reason = reason
-
+__all__ = ["MAX_RECORD_BYTES", "RecordError", "decode", "encode", "from_dict", "to_dict"]
 
 # ---------------------------------------------------------------- encoding
 
@@ -96,201 +74,17 @@ def decode(data: bytes | str) -> Record:
 
 
 def from_dict(obj: Any) -> Record:
-    if not isinstance(obj, dict):
-        raise RecordError("", f"expected a JSON object, got {_typename(obj)}")
-    kind = obj.get("type")
-    if kind == "message":
-        record = _fast_message(obj)
+    """Validate a decoded JSON value as a record; raise RecordError on any defect."""
+    if isinstance(obj, dict):
+        kind = obj.get("type")
+        record: Record | None = None
+        if kind == "message":
+            record = _fast_message(obj)
+        elif kind == "send":  # the sink decodes every command
+            record = _fast_send(obj)
         if record is not None:
             return record
-    if kind not in RECORD_TYPES:
-        known = ", ".join(sorted(RECORD_TYPES))
-        raise RecordError("type", f"unknown record type {kind!r} (known: {known})")
-    return _PARSERS[kind](_Obj(obj, ""))
-
-
-def _typename(value: Any) -> str:
-    return {
-        dict: "object",
-        list: "array",
-        str: "string",
-        bool: "boolean",
-        int: "integer",
-        float: "number",
-        type(None): "null",
-    }.get(type(value), type(value).__name__)
-
-
-class _Obj:
-    """A JSON object being validated, remembering its path for error messages."""
-
-    def __init__(self, data: dict[str, Any], path: str) -> None:
-        self.data = data
-        self.path = path
-
-    def _name(self, key: str) -> str:
-        return f"{self.path}.{key}" if self.path else key
-
-    def _get(self, key: str, required: bool) -> Any:
-        value = self.data.get(key)
-        if value is None and required:
-            raise RecordError(self._name(key), "missing")
-        return value
-
-    def str(self, key: str, required: bool = False, max_len: int = MAX_TEXT_LEN) -> Any:
-        value = self._get(key, required)
-        if value is None:
-            return None
-        if not isinstance(value, str):
-            raise RecordError(self._name(key), f"expected a string, got {_typename(value)}")
-        if required and not value:
-            raise RecordError(self._name(key), "must not be empty")
-        if len(value) > max_len:
-            raise RecordError(self._name(key), f"longer than {max_len} characters")
-        return value
-
-    def id(self, key: str, required: bool = True) -> Any:
-        return self.str(key, required, MAX_ID_LEN)
-
-    def int(self, key: str, required: bool = False, minimum: int | None = None) -> Any:
-        value = self._get(key, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise RecordError(self._name(key), f"expected an integer, got {_typename(value)}")
-        if minimum is not None and value < minimum:
-            raise RecordError(self._name(key), f"must be >= {minimum}, got {value}")
-        return value
-
-    def float(self, key: str, required: bool = False) -> Any:
-        value = self._get(key, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise RecordError(self._name(key), f"expected a number, got {_typename(value)}")
-        return float(value)
-
-    def bool(self, key: str, default: bool) -> bool:
-        value = self.data.get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            raise RecordError(self._name(key), f"expected true or false, got {_typename(value)}")
-        return value
-
-    def ts(self, key: str, required: bool = True) -> Any:
-        value = self.int(key, required)
-        if value is not None and not MIN_TS <= value < MAX_TS:
-            raise RecordError(
-                self._name(key),
-                f"timestamp {value} is not Unix milliseconds between 2000 and 2100",
-            )
-        return value
-
-    def obj(self, key: str, required: bool = True) -> _Obj | None:
-        value = self._get(key, required)
-        if value is None:
-            return None
-        if not isinstance(value, dict):
-            raise RecordError(self._name(key), f"expected an object, got {_typename(value)}")
-        return _Obj(value, self._name(key))
-
-    def objs(self, key: str) -> list[_Obj]:
-        value = self.data.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            raise RecordError(self._name(key), f"expected an array, got {_typename(value)}")
-        out = []
-        for i, item in enumerate(value):
-            if not isinstance(item, dict):
-                raise RecordError(
-                    f"{self._name(key)}[{i}]", f"expected an object, got {_typename(item)}"
-                )
-            out.append(_Obj(item, f"{self._name(key)}[{i}]"))
-        return out
-
-    def network(self) -> str:
-        value = self.id("network")
-        if not _NETWORK_RE.match(value):
-            raise RecordError(
-                self._name("network"),
-                f"{value!r} must be lowercase letters, digits, '_', '.' or '-'",
-            )
-        return value
-
-
-def _sender(o: _Obj) -> Sender:
-    return Sender(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.str("avatar_url"))
-
-
-def _member(o: _Obj) -> Member:
-    return Member(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.str("avatar_url"))
-
-
-def _content(o: _Obj) -> Content:
-    kind = o.str("kind", required=True)
-    if kind not in Content.KINDS:
-        raise RecordError(
-            o._name("kind"), f"unknown kind {kind!r} (known: {', '.join(Content.KINDS)})"
-        )
-    c: dict[str, Any] = {"kind": kind}
-    if kind in ("text", "notice", "emote"):
-        c["body"] = o.str("body", required=True)
-        c["html"] = o.str("html")
-    elif kind == "media":
-        media_type = o.str("media_type", required=True)
-        if media_type not in MEDIA_TYPES:
-            raise RecordError(
-                o._name("media_type"),
-                f"must be one of {', '.join(MEDIA_TYPES)}, got {media_type!r}",
-            )
-        c.update(
-            media_type=media_type,
-            body=o.str("body"),
-            filename=o.str("filename", max_len=255),
-            mimetype=o.str("mimetype", max_len=255),
-            size=o.int("size", minimum=0),
-            url=o.str("url", max_len=4096),
-            data=o.str("data", max_len=MAX_RECORD_BYTES),
-            width=o.int("width", minimum=0),
-            height=o.int("height", minimum=0),
-            duration_ms=o.int("duration_ms", minimum=0),
-        )
-        if c["url"] is None and c["data"] is None:
-            raise RecordError(o._name("url"), "media needs either 'url' or 'data' (base64)")
-    elif kind == "location":
-        lat, lon = o.float("lat", required=True), o.float("lon", required=True)
-        if not -90 <= lat <= 90:
-            raise RecordError(o._name("lat"), f"latitude {lat} out of range")
-        if not -180 <= lon <= 180:
-            raise RecordError(o._name("lon"), f"longitude {lon} out of range")
-        c.update(lat=lat, lon=lon, body=o.str("body"))
-    elif kind == "reaction":
-        c.update(target=o.id("target"), key=o.str("key", required=True, max_len=255))
-    elif kind == "edit":
-        c.update(target=o.id("target"), body=o.str("body", required=True), html=o.str("html"))
-    elif kind == "redaction":
-        c.update(target=o.id("target"), reason=o.str("reason", max_len=1024))
-    return Content(**c)
-
-
-def _message(o: _Obj) -> NetworkMessage:
-    sender = o.obj("sender")
-    content = o.obj("content")
-    assert sender is not None and content is not None
-    return NetworkMessage(
-        network=o.network(),
-        portal=o.id("portal"),
-        id=o.id("id"),
-        sender=_sender(sender),
-        ts=o.ts("ts"),
-        content=_content(content),
-        history=o.bool("history", True),
-        part=o.int("part", minimum=0) or 0,
-        reply_to=o.id("reply_to", required=False),
-        thread=o.id("thread", required=False),
-    )
+    return parse(obj)
 
 
 # ---------------------------------------------------------------- fast path
@@ -313,7 +107,7 @@ _NETWORKS_SEEN: set[str] = set()
 
 
 def _remember_network(value: str) -> bool:
-    if not _NETWORK_RE.match(value):
+    if not NETWORK_RE.match(value):
         return False
     if len(_NETWORKS_SEEN) < 256:  # a handful of networks in practice; bounded anyway
         _NETWORKS_SEEN.add(value)
@@ -401,78 +195,14 @@ def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
     )
 
 
-def _portal_meta(o: _Obj) -> dict[str, Any]:
-    return {
-        "network": o.network(),
-        "portal": o.id("portal"),
-        "name": o.str("name", max_len=255),
-        "topic": o.str("topic", max_len=4096),
-        "members": tuple(_member(m) for m in o.objs("members")),
-        "avatar_url": o.str("avatar_url"),
-    }
-
-
-def _portal(o: _Obj) -> PortalInfo:
-    return PortalInfo(**_portal_meta(o))
-
-
-def _history_complete(o: _Obj) -> HistoryComplete:
-    return HistoryComplete(
-        network=o.network(),
-        portal=o.id("portal"),
-        count=o.int("count", minimum=0) or 0,
-        sync=o.id("sync", required=False),
-    )
-
-
-def _sync_complete(o: _Obj) -> SyncComplete:
-    return SyncComplete(
-        network=o.network(), sync=o.id("sync"), portals=o.int("portals", True, minimum=0)
-    )
-
-
-def _room_created(o: _Obj) -> RoomCreated:
-    return RoomCreated(
-        network=o.network(),
-        portal=o.id("portal"),
-        room_id=o.id("room_id"),
-        alias=o.str("alias", max_len=255),
-        last_bridged_ts=o.ts("last_bridged_ts", required=False),
-    )
-
-
-def _create_room(o: _Obj) -> CreateRoom:
-    return CreateRoom(**_portal_meta(o))
-
-
-def _send(o: _Obj) -> SendMessage:
-    message = o.obj("message")
-    assert message is not None
-    if message.data.get("type", "message") != "message":
-        raise RecordError("message.type", "a send command carries a message record")
-    # The sink decodes every command: the fast path serves the inner message too.
-    inner = _fast_message(message.data) or _message(message)
-    return SendMessage(message=inner, seq=o.int("seq", minimum=0) or 0)
-
-
-def _dead_letter(o: _Obj) -> DeadLetter:
-    return DeadLetter(
-        stage=o.str("stage", required=True, max_len=255),
-        reason=o.str("reason", required=True),
-        original=o.str("original", max_len=MAX_RECORD_BYTES) or "",
-        source=o.str("source", max_len=4096),
-        key=o.str("key", max_len=4096),
-        ts=o.int("ts", minimum=0) or 0,
-    )
-
-
-_PARSERS = {
-    NetworkMessage.TYPE: _message,
-    PortalInfo.TYPE: _portal,
-    HistoryComplete.TYPE: _history_complete,
-    SyncComplete.TYPE: _sync_complete,
-    RoomCreated.TYPE: _room_created,
-    CreateRoom.TYPE: _create_room,
-    SendMessage.TYPE: _send,
-    DeadLetter.TYPE: _dead_letter,
-}
+def _fast_send(d: dict[str, Any]) -> SendMessage | None:
+    """``schema._send`` for a send command around a common message, else None."""
+    inner, seq = d.get("message"), d.get("seq")
+    if type(inner) is not dict or inner.get("type", "message") != "message":
+        return None
+    if seq is None:
+        seq = 0
+    elif type(seq) is not int or seq < 0:
+        return None
+    message = _fast_message(inner)
+    return None if message is None else SendMessage(message=message, seq=seq)

@@ -25,21 +25,14 @@ import base64
 import hashlib
 import mimetypes
 import re
-import zipfile
-import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path, PurePosixPath
-from typing import IO
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
+from connectors.sources.whatsapp_export import MAX_INLINE_BYTES, ChatExport
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
-
-# Inline media up to this size; bigger files would not fit a Kafka record.
-MAX_INLINE_BYTES = 512 * 1024
 
 SYSTEM_SENDER = Sender(id="system", name="WhatsApp")
 
@@ -76,7 +69,6 @@ _LOCATION = re.compile(
     r"^location: https://maps\.google\.com/\?q=(?P<lat>-?\d+(?:\.\d+)?),(?P<lon>-?\d+(?:\.\d+)?)$",
     re.I,
 )
-_TITLE = re.compile(r"^WhatsApp Chat (?:with|-|\u2013) (?P<name>.+?)(?: \(\d+\))?$")
 _IOS_GENERATED = re.compile(r"^[^:]{1,100}: \u200e")
 _PHONE = re.compile(r"^\+[\d\s()-]{6,}$")
 
@@ -118,11 +110,6 @@ def guess_mimetype(filename: str) -> str | None:
     return mimetypes.guess_type(filename)[0]
 
 
-def safe_member_name(name: str) -> bool:
-    """A zip entry or referenced file name that cannot escape a directory."""
-    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-        return False
-    return ".." not in re.split(r"[/\\]", name)
 
 
 @dataclass(slots=True)
@@ -137,116 +124,6 @@ class _Pending:
     system_hint: bool  # iOS marks generated text with a leading U+200E
 
 
-class _Export:
-    """The chat text and its media, from a .txt (media beside it) or a .zip."""
-
-    def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
-        self.path = path
-        self.track = track  # Source.track: the progress bar follows our reading
-        self.zip: zipfile.ZipFile | None = None
-        self.entries: dict[str, zipfile.ZipInfo] = {}
-        self.refused: list[str] = []
-        self.chat_name = path.name
-        if not path.exists():
-            raise SourceError(f"{path}: no such file")
-        if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-            self._open_zip()
-        elif path.is_dir():
-            raise SourceError(f"{path}: expected a WhatsApp .txt or .zip export, got a directory")
-        self.title = self._title()
-
-    def _open_zip(self) -> None:
-        try:
-            self.zip = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
-            raise SourceError(f"{self.path.name}: not a readable zip ({exc})") from None
-        if self.zip.fp is not None:
-            self.track(self.zip.fp, self.path.stat().st_size)
-        chats: list[str] = []
-        for info in self.zip.infolist():
-            if info.is_dir():
-                continue
-            if not safe_member_name(info.filename):
-                self.refused.append(info.filename)
-                continue
-            base = PurePosixPath(info.filename.replace("\\", "/")).name
-            self.entries.setdefault(base, info)
-            if base.lower().endswith(".txt"):
-                chats.append(info.filename)
-        preferred = [
-            c
-            for c in chats
-            if PurePosixPath(c).name == "_chat.txt"
-            or PurePosixPath(c).name.startswith("WhatsApp Chat")
-        ]
-        picked = preferred or chats
-        if len(picked) != 1:
-            found = ", ".join(picked) or "none"
-            raise SourceError(
-                f"{self.path.name}: expected one chat text file (_chat.txt or "
-                f"'WhatsApp Chat with ….txt') in the zip, found: {found}"
-            )
-        self.chat_name = picked[0]
-
-    def _title(self) -> str:
-        for candidate in (PurePosixPath(self.chat_name).stem, self.path.stem):
-            m = _TITLE.match(candidate)
-            if m:
-                return m.group("name")
-        stem = PurePosixPath(self.chat_name).stem
-        return self.path.stem if stem == "_chat" else stem
-
-    @contextmanager
-    def lines(self) -> Iterator[Iterator[bytes]]:
-        """The chat text as raw lines, streamed; zip damage becomes one SourceError."""
-        handle: IO[bytes]
-        try:
-            handle = self.zip.open(self.chat_name) if self.zip else self.path.open("rb")
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-            raise SourceError(f"{self.path.name}: cannot read {self.chat_name}: {exc}") from None
-        if self.zip is None:
-            self.track(handle, self.path.stat().st_size)
-        with handle:
-            yield self._guarded(handle)
-
-    def _guarded(self, handle: IO[bytes]) -> Iterator[bytes]:
-        it = iter(handle)
-        while True:
-            try:
-                line = next(it)
-            except StopIteration:
-                return
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-                raise SourceError(f"{self.path.name}: damaged archive ({exc})") from None
-            yield line
-
-    def media(self, name: str) -> tuple[int, bytes | None] | None:
-        """(size, bytes or None when too large), or None when the file is not in the export."""
-        if not safe_member_name(name) or "/" in name or "\\" in name:
-            return None
-        if self.zip is not None:
-            info = self.entries.get(name)
-            if info is None:
-                return None
-            if info.file_size > MAX_INLINE_BYTES:
-                return info.file_size, None
-            try:
-                return info.file_size, self.zip.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-                raise SourceError(
-                    f"{self.path.name}: damaged archive entry {name}: {exc}"
-                ) from None
-        beside = self.path.parent / name
-        if not beside.is_file():
-            return None
-        size = beside.stat().st_size
-        return (size, None) if size > MAX_INLINE_BYTES else (size, beside.read_bytes())
-
-    def close(self) -> None:
-        if self.zip is not None:
-            self.zip.close()
-
-
 class WhatsAppSource(Source):
     name = "whatsapp"
     network = "whatsapp"
@@ -257,7 +134,7 @@ class WhatsAppSource(Source):
         order_option = self.options.get("date_order")
         if order_option not in (None, "dmy", "mdy"):
             raise SourceError(f"option date_order must be dmy or mdy, got {order_option!r}")
-        export = _Export(self.path, self.track)
+        export = ChatExport(self.path, self.track)
         try:
             for name in export.refused:
                 yield Rejected(
@@ -278,7 +155,7 @@ class WhatsAppSource(Source):
         except (ZoneInfoNotFoundError, ValueError):
             raise SourceError(f"option tz: unknown time zone {tz!r} (use an IANA name)") from None
 
-    def _layout(self, export: _Export) -> str:
+    def _layout(self, export: ChatExport) -> str:
         """Android or iOS, decided by the first non-empty line."""
         with export.lines() as lines:
             for number, raw in enumerate(lines, start=1):
@@ -296,7 +173,7 @@ class WhatsAppSource(Source):
                 )
         raise SourceError(f"{export.chat_name}: no messages in the export")
 
-    def _infer_order(self, export: _Export, layout: str) -> bool:
+    def _infer_order(self, export: ChatExport, layout: str) -> bool:
         """True for day-first. A first pass over headers only, so memory stays flat."""
         regex = LAYOUTS[layout]
         day_first_at = month_first_at = None
@@ -317,7 +194,7 @@ class WhatsAppSource(Source):
         return month_first_at is None  # ambiguous files default to day-first
 
     def _parse(
-        self, export: _Export, layout: str, day_first: bool, zone: ZoneInfo
+        self, export: ChatExport, layout: str, day_first: bool, zone: ZoneInfo
     ) -> Iterator[SourceItem]:
         regex = LAYOUTS[layout]
         portal = self.options.get("portal") or portal_id(export.title)
@@ -421,7 +298,7 @@ class WhatsAppSource(Source):
         dt = datetime(year, month, day, hour, minute, second, tzinfo=zone)
         return int(dt.timestamp()) * 1000
 
-    def _content(self, export: _Export, p: _Pending, body: str) -> tuple[Sender, Content | None]:
+    def _content(self, export: ChatExport, p: _Pending, body: str) -> tuple[Sender, Content | None]:
         # The encryption banner is in every export and says nothing: skipped.
         if _ENCRYPTION_BANNER.match(body):
             return SYSTEM_SENDER, None
@@ -452,7 +329,7 @@ class WhatsAppSource(Source):
             )
         return sender, Content(kind="text", body=body)
 
-    def _media(self, export: _Export, filename: str, caption: str) -> Content:
+    def _media(self, export: ChatExport, filename: str, caption: str) -> Content:
         found = export.media(filename)
         if found is None:
             self.stats["media_missing"] += 1

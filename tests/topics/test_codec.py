@@ -89,7 +89,7 @@ LONG_ID = "i" * 255
 
 def _generic(obj):
     """The generic parser's outcome for a message dict: the record or (field, reason)."""
-    from topics.codec import _message, _Obj
+    from topics.schema import _message, _Obj
 
     try:
         return _message(_Obj(obj, ""))
@@ -250,3 +250,35 @@ def test_fast_path_takes_the_common_shapes():
     # Anything unusual goes to the generic path.
     assert _fast_message({**_base(), "content": {"kind": "media", "url": "mxc://x"}}) is None
     assert _fast_message({**_base(), "ts": "soon"}) is None
+
+
+@pytest.mark.parametrize(
+    "send",
+    [
+        {"seq": 7},
+        {"seq": 0},
+        {},  # no seq: 0
+        {"seq": -1},
+        {"seq": True},
+        {"seq": "7"},
+        {"seq": 7, "message": {"type": "portal", "network": "wa", "portal": "p"}},
+        {"seq": 7, "message": "not an object"},
+    ],
+    ids=repr,
+)
+def test_send_fast_path_agrees_with_the_generic_parser(send: dict) -> None:
+    from topics.codec import _fast_send
+    from topics.schema import _Obj, _send
+
+    obj = {"type": "send", "message": _base(), **send}
+
+    def generic():
+        try:
+            return _send(_Obj(obj, ""))
+        except RecordError as exc:
+            return (exc.field, exc.reason)
+
+    fast = _fast_send(obj)
+    if fast is not None:
+        assert fast == generic()
+    assert _decoded(orjson.dumps(obj)) == generic()

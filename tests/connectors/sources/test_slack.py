@@ -9,7 +9,8 @@ import pytest
 
 from connectors.conformance import by_id, run
 from connectors.source import Rejected, SourceError
-from connectors.sources.slack import SlackSource, _Mrkdwn, emoji, ts_ms
+from connectors.sources.slack import SlackSource, ts_ms
+from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
 from tests.helpers import SAMPLES as SAMPLES_DIR
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
@@ -171,7 +172,7 @@ def test_ts_and_emoji_helpers() -> None:
     ],
 )
 def test_mrkdwn(text: str, body: str, html: str | None) -> None:
-    md = _Mrkdwn({"U02BOB": "Bob Builder"}, {"C01GENERAL": "general"})
+    md = Mrkdwn({"U02BOB": "Bob Builder"}, {"C01GENERAL": "general"})
     assert md.render(text) == (body, html)
 
 

@@ -1,0 +1,141 @@
+"""Reading a WhatsApp export: the chat text and its media, from a .txt or a .zip.
+
+The parser (connectors/sources/whatsapp.py) only sees lines and named media;
+this module decides what may be opened: zip entries whose names could escape
+a directory are refused, media are read in memory (never extracted to disk)
+and only up to MAX_INLINE_BYTES.
+"""
+
+from __future__ import annotations
+
+import re
+import zipfile
+import zlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+from connectors.source import SourceError
+
+# Inline media up to this size; bigger files would not fit a Kafka record.
+MAX_INLINE_BYTES = 512 * 1024
+
+_TITLE = re.compile(r"^WhatsApp Chat (?:with|-|\u2013) (?P<name>.+?)(?: \(\d+\))?$")
+
+
+def safe_member_name(name: str) -> bool:
+    """A zip entry or referenced file name that cannot escape a directory."""
+    if not name or name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return False
+    return ".." not in re.split(r"[/\\]", name)
+
+
+class ChatExport:
+    """The chat text and its media, from a .txt (media beside it) or a .zip."""
+
+    def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
+        self.path = path
+        self.track = track  # Source.track: the progress bar follows our reading
+        self.zip: zipfile.ZipFile | None = None
+        self.entries: dict[str, zipfile.ZipInfo] = {}
+        self.refused: list[str] = []
+        self.chat_name = path.name
+        if not path.exists():
+            raise SourceError(f"{path}: no such file")
+        if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
+            self._open_zip()
+        elif path.is_dir():
+            raise SourceError(f"{path}: expected a WhatsApp .txt or .zip export, got a directory")
+        self.title = self._title()
+
+    def _open_zip(self) -> None:
+        try:
+            self.zip = zipfile.ZipFile(self.path)
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            raise SourceError(f"{self.path.name}: not a readable zip ({exc})") from None
+        if self.zip.fp is not None:
+            self.track(self.zip.fp, self.path.stat().st_size)
+        chats: list[str] = []
+        for info in self.zip.infolist():
+            if info.is_dir():
+                continue
+            if not safe_member_name(info.filename):
+                self.refused.append(info.filename)
+                continue
+            base = PurePosixPath(info.filename.replace("\\", "/")).name
+            self.entries.setdefault(base, info)
+            if base.lower().endswith(".txt"):
+                chats.append(info.filename)
+        preferred = [
+            c
+            for c in chats
+            if PurePosixPath(c).name == "_chat.txt"
+            or PurePosixPath(c).name.startswith("WhatsApp Chat")
+        ]
+        picked = preferred or chats
+        if len(picked) != 1:
+            found = ", ".join(picked) or "none"
+            raise SourceError(
+                f"{self.path.name}: expected one chat text file (_chat.txt or "
+                f"'WhatsApp Chat with ….txt') in the zip, found: {found}"
+            )
+        self.chat_name = picked[0]
+
+    def _title(self) -> str:
+        for candidate in (PurePosixPath(self.chat_name).stem, self.path.stem):
+            m = _TITLE.match(candidate)
+            if m:
+                return m.group("name")
+        stem = PurePosixPath(self.chat_name).stem
+        return self.path.stem if stem == "_chat" else stem
+
+    @contextmanager
+    def lines(self) -> Iterator[Iterator[bytes]]:
+        """The chat text as raw lines, streamed; zip damage becomes one SourceError."""
+        handle: IO[bytes]
+        try:
+            handle = self.zip.open(self.chat_name) if self.zip else self.path.open("rb")
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            raise SourceError(f"{self.path.name}: cannot read {self.chat_name}: {exc}") from None
+        if self.zip is None:
+            self.track(handle, self.path.stat().st_size)
+        with handle:
+            yield self._guarded(handle)
+
+    def _guarded(self, handle: IO[bytes]) -> Iterator[bytes]:
+        it = iter(handle)
+        while True:
+            try:
+                line = next(it)
+            except StopIteration:
+                return
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                raise SourceError(f"{self.path.name}: damaged archive ({exc})") from None
+            yield line
+
+    def media(self, name: str) -> tuple[int, bytes | None] | None:
+        """(size, bytes or None when too large), or None when the file is not in the export."""
+        if not safe_member_name(name) or "/" in name or "\\" in name:
+            return None
+        if self.zip is not None:
+            info = self.entries.get(name)
+            if info is None:
+                return None
+            if info.file_size > MAX_INLINE_BYTES:
+                return info.file_size, None
+            try:
+                return info.file_size, self.zip.read(info)
+            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                raise SourceError(
+                    f"{self.path.name}: damaged archive entry {name}: {exc}"
+                ) from None
+        beside = self.path.parent / name
+        if not beside.is_file():
+            return None
+        size = beside.stat().st_size
+        return (size, None) if size > MAX_INLINE_BYTES else (size, beside.read_bytes())
+
+    def close(self) -> None:
+        if self.zip is not None:
+            self.zip.close()
