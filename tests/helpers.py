@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -95,6 +97,43 @@ def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
     env.update({k: v for k, v in values.items() if v is not None})
     env.update(extra)
     return env
+
+
+def backflow_cli(
+    settings: Settings, *args: str, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``backflow ARGS`` as an operator would, against these settings."""
+    return subprocess.run(
+        [sys.executable, "-m", "backflow.cli", *args],
+        env=stage_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def start_stages(settings: Settings, logs: Path | None = None) -> list[subprocess.Popen]:
+    """``backflow worker`` and ``backflow sink`` as child processes (logs in ``logs``)."""
+    env = stage_env(settings)
+    children = []
+    for stage in ("worker", "sink"):
+        out = open(logs / f"{stage}.log", "wb") if logs else subprocess.DEVNULL  # noqa: SIM115
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "backflow.cli", stage],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        )
+    return children
+
+
+def stop_stages(children: list[subprocess.Popen]) -> None:
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.wait(30)
 
 
 async def portal_timeline(

@@ -9,8 +9,6 @@ from the right ghosts, with origin_server_ts equal to the source timestamps.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +19,7 @@ import yaml
 from connectors.matrix.ghosts import ghost_user_id
 from connectors.source import available
 from tests.conftest import make_settings
-from tests.helpers import SAMPLES, portal_timeline, stage_env
+from tests.helpers import SAMPLES, backflow_cli, portal_timeline, start_stages, stop_stages
 from topics.records import NetworkMessage
 
 SHOWN_KINDS = ("text", "notice", "emote", "media", "location")
@@ -34,21 +32,9 @@ async def running(kafka, pg_admin, synapse, appservices, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e")
     settings, db = await make_settings(kafka, pg_admin, synapse, appservices["free"], tmp)
-    env = stage_env(settings)
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "backflow.cli", stage],
-            env=env,
-            stdout=open(tmp / f"{stage}.log", "wb"),  # noqa: SIM115
-            stderr=subprocess.STDOUT,
-        )
-        for stage in ("worker", "sink")
-    ]
+    children = start_stages(settings, logs=tmp)
     yield settings, children
-    for child in children:
-        child.terminate()
-    for child in children:
-        child.wait(30)
+    stop_stages(children)
     await drop_database(pg_admin, db)
 
 
@@ -63,14 +49,7 @@ def expected_rooms(fmt: str, path: Path) -> dict[str, list[NetworkMessage]]:
 
 
 async def import_and_check(settings, children, fmt: str, path: Path) -> None:
-    env = stage_env(settings)
-    result = subprocess.run(
-        [sys.executable, "-m", "backflow.cli", "import", fmt, str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = backflow_cli(settings, "import", fmt, str(path))
     assert result.returncode == 0, result.stderr
     expected = expected_rooms(fmt, path)
     assert expected, f"{fmt}: the sample yields no messages"

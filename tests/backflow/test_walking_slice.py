@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import random
-import subprocess
-import sys
 import time
 
 import orjson
 
-from tests.helpers import portal_timeline, stage_env
+from tests.helpers import backflow_cli, portal_timeline, start_stages, stop_stages
 
 T0 = 1_650_000_000_000
 
@@ -55,26 +53,11 @@ async def test_three_shuffled_portals_land_in_order(stack, tmp_path):
     path = tmp_path / "slice.jsonl"
     path.write_bytes(b"".join(orjson.dumps(line) + b"\n" for line in lines))
 
-    env = stage_env(stack)
-    result = subprocess.run(
-        [sys.executable, "-m", "backflow.cli", "import", "jsonl", str(path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = backflow_cli(stack, "import", "jsonl", str(path))
     assert result.returncode == 0, result.stderr
     assert f"{sum(portals.values())} messages in 3 portals published" in result.stdout
 
-    children = [
-        subprocess.Popen(
-            [sys.executable, "-m", "backflow.cli", stage],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        for stage in ("worker", "sink")
-    ]
+    children = start_stages(stack)
     try:
         got: dict[str, list[tuple[str, int]]] = {}
         deadline = time.monotonic() + 150
@@ -92,10 +75,7 @@ async def test_three_shuffled_portals_land_in_order(stack, tmp_path):
             events = await portal_timeline(stack, "demo", portal) or []
             got[portal] = [(e["content"]["body"], e["origin_server_ts"]) for e in events]
     finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            child.wait(30)
+        stop_stages(children)
 
     for portal in portals:
         assert got[portal] == expected[portal], portal

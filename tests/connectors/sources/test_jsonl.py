@@ -2,26 +2,12 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import orjson
 
-from tests.helpers import read_topic, stage_env
+from tests.helpers import backflow_cli, read_topic
 from topics.records import HistoryComplete, NetworkMessage, PortalInfo, SyncComplete
-from topics.settings import Settings
 
 TS = 1_700_000_000_000
-
-
-def backflow(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "backflow.cli", *args],
-        env=stage_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 def line(i: int, **over) -> bytes:
@@ -56,7 +42,7 @@ async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path)
     path = tmp_path / "history.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
 
-    result = backflow(stack, "import", "jsonl", str(path))
+    result = backflow_cli(stack, "import", "jsonl", str(path))
     assert result.returncode == 0, result.stderr
     assert "history.jsonl:3: invalid JSON" in result.stderr
     assert "history.jsonl:4: field 'ts': expected an integer, got string" in result.stderr
@@ -85,7 +71,7 @@ async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path)
 
 
 async def test_missing_file_and_unreachable_broker_are_one_line(stack, tmp_path):
-    result = backflow(stack, "import", "jsonl", str(tmp_path / "nope.jsonl"))
+    result = backflow_cli(stack, "import", "jsonl", str(tmp_path / "nope.jsonl"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [
         f"backflow: error: {tmp_path / 'nope.jsonl'}: no such file or directory"
@@ -93,16 +79,16 @@ async def test_missing_file_and_unreachable_broker_are_one_line(stack, tmp_path)
     path = tmp_path / "one.jsonl"
     path.write_bytes(line(1) + b"\n")
     dead = stack.with_overrides({"kafka.bootstrap": "127.0.0.1:1"})
-    result = backflow(dead, "import", "jsonl", str(path))
+    result = backflow_cli(dead, "import", "jsonl", str(path))
     assert result.returncode == 1
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert result.stderr.startswith("backflow: error: cannot reach Kafka at 127.0.0.1:1")
 
 
 async def test_unknown_format_lists_installed(stack, tmp_path):
-    result = backflow(stack, "import", "--list")
+    result = backflow_cli(stack, "import", "--list")
     assert result.returncode == 0 and "jsonl" in result.stdout
-    result = backflow(stack, "import", "nope", str(tmp_path))
+    result = backflow_cli(stack, "import", "nope", str(tmp_path))
     assert result.returncode != 0 and "unknown format 'nope'" in result.stderr
 
 
