@@ -35,6 +35,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
+from connectors.sources.scope import ExportFolder, OutsideExport
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
@@ -79,9 +80,17 @@ class _Export:
     def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
         self.path = path
         self.zip: zipfile.ZipFile | None = None
-        names: list[str]
+        self.folder: ExportFolder | None = None
+        self.refused: list[str] = []  # links out of the export folder: never read
+        names: list[str] = []
         if path.is_dir():
-            names = [p.relative_to(path).as_posix() for p in path.rglob("*.json") if p.is_file()]
+            self.folder = ExportFolder(path)
+            for found in sorted(path.rglob("*.json")):
+                name = found.relative_to(path).as_posix()
+                if self.folder.contains(found):
+                    names.append(name)
+                elif found.is_symlink():
+                    self.refused.append(name)
         elif path.is_file():
             try:
                 self.zip = zipfile.ZipFile(path)
@@ -116,7 +125,11 @@ class _Export:
         full = self.prefix + name
         if self.zip is not None:
             return self.zip.open(full)
-        return (self.path / full).open("rb")
+        assert self.folder is not None
+        located = self.folder.locate(full)  # OutsideExport for a link out of the folder
+        if located is None:
+            raise FileNotFoundError(full)
+        return located.open("rb")
 
     def load(self, name: str) -> Any:
         """Parse one JSON file; damage is the caller's to report."""
@@ -156,6 +169,8 @@ class SlackSource(Source):
             export.close()
 
     def _read(self, export: _Export) -> Iterator[SourceItem]:
+        for name in export.refused:
+            yield Rejected(name, "a link to a file outside the export folder: not read")
         stats = self.stats
         for key in ("messages", "reactions", "files_linked", "skipped"):
             stats.setdefault(key, 0)
@@ -223,6 +238,9 @@ class SlackSource(Source):
             name = f"{folder}/{day}.json"
             try:
                 messages = export.load(name)
+            except OutsideExport as exc:
+                yield Rejected(name, f"not read: {exc}")
+                continue
             except ValueError as exc:
                 yield Rejected(name, f"invalid JSON: {exc}")
                 continue

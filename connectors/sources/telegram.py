@@ -25,13 +25,14 @@ import html
 import mimetypes
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path, PurePath
+from pathlib import PurePath
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import ijson
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
+from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -133,7 +134,7 @@ class TelegramSource(Source):
         path = self.path / "result.json" if self.path.is_dir() else self.path
         if not path.is_file():
             raise SourceError(f"{path}: no such file (expected a Telegram export's result.json)")
-        self.root = path.parent.resolve()
+        self.folder = ExportFolder(path.parent)
         self.file = path.name
         tz = self.options.get("tz", "UTC")
         try:
@@ -318,15 +319,15 @@ class TelegramSource(Source):
             # "(File not included. Change data exporting settings to download.)"
             self.stats["media_missing"] += 1
             return Content(kind="notice", body=f"{label}: {rel.strip('()')}")
-        candidate = Path(rel)
-        resolved = (self.root / candidate).resolve()
-        if candidate.is_absolute() or not resolved.is_relative_to(self.root):
-            return Rejected(where, f"media path {rel!r} points outside the export folder", rel)
-        if not resolved.is_file():
+        try:
+            resolved = self.folder.locate(rel)
+        except OutsideExport as exc:
+            return Rejected(where, f"media path {exc}", rel)
+        if resolved is None:
             self.stats["media_missing"] += 1
             return Content(kind="notice", body=f"{label} (file not included in the export)")
-        size = resolved.stat().st_size
-        if size > MAX_INLINE_BYTES:
+        size, data = read_bounded(resolved, MAX_INLINE_BYTES)
+        if data is None:
             self.stats["media_too_large"] += 1
             return Content(
                 kind="notice",
@@ -350,7 +351,7 @@ class TelegramSource(Source):
             filename=label,
             mimetype=mimetype,
             size=size,
-            data=base64.b64encode(resolved.read_bytes()).decode("ascii"),
+            data=base64.b64encode(data).decode("ascii"),
             width=int(msg["width"]) if isinstance(msg.get("width"), int | float) else None,
             height=int(msg["height"]) if isinstance(msg.get("height"), int | float) else None,
             duration_ms=int(duration * 1000) if isinstance(duration, int | float) else None,

@@ -31,6 +31,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
+from connectors.sources.scope import OutsideExport
 from connectors.sources.whatsapp_export import MAX_INLINE_BYTES, ChatExport
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
@@ -330,7 +331,11 @@ class WhatsAppSource(Source):
         return sender, Content(kind="text", body=body)
 
     def _media(self, export: ChatExport, filename: str, caption: str) -> Content:
-        found = export.media(filename)
+        try:
+            found = export.media(filename)
+        except OutsideExport as exc:
+            self.stats["media_refused"] = self.stats.get("media_refused", 0) + 1
+            return Content(kind="notice", body=f"{filename} (not imported: {exc})")
         if found is None:
             self.stats["media_missing"] += 1
             return Content(kind="notice", body=f"{filename} (file not included in the export)")

@@ -2,8 +2,9 @@
 
 The parser (connectors/sources/whatsapp.py) only sees lines and named media;
 this module decides what may be opened: zip entries whose names could escape
-a directory are refused, media are read in memory (never extracted to disk)
-and only up to MAX_INLINE_BYTES.
+a directory are refused, media beside a .txt export must lie in its folder
+(no links out of it), and media are read in memory (never extracted to disk)
+and only up to MAX_INLINE_BYTES, counted on the bytes read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO
 
 from connectors.source import SourceError
+from connectors.sources.scope import ExportFolder, read_bounded
 
 # Inline media up to this size; bigger files would not fit a Kafka record.
 MAX_INLINE_BYTES = 512 * 1024
@@ -115,7 +117,10 @@ class ChatExport:
             yield line
 
     def media(self, name: str) -> tuple[int, bytes | None] | None:
-        """(size, bytes or None when too large), or None when the file is not in the export."""
+        """(size, bytes or None when too large), or None when the file is not in the export.
+
+        Raises OutsideExport when ``name`` leads outside the export's folder.
+        """
         if not safe_member_name(name) or "/" in name or "\\" in name:
             return None
         if self.zip is not None:
@@ -130,11 +135,12 @@ class ChatExport:
                 raise SourceError(
                     f"{self.path.name}: damaged archive entry {name}: {exc}"
                 ) from None
-        beside = self.path.parent / name
-        if not beside.is_file():
+        # A .txt export: media lie beside it, and only there (OutsideExport
+        # for a name or link that leads elsewhere).
+        beside = ExportFolder(self.path.parent).locate(name)
+        if beside is None:
             return None
-        size = beside.stat().st_size
-        return (size, None) if size > MAX_INLINE_BYTES else (size, beside.read_bytes())
+        return read_bounded(beside, MAX_INLINE_BYTES)
 
     def close(self) -> None:
         if self.zip is not None:
