@@ -3,15 +3,26 @@
 ``POST /v1/records`` with ``Authorization: Bearer <ingest.token>`` and a body
 that is one record object, an array of them, or ``{"records": [...]}``.
 Messages default to live (``history: false``). The reply comes only after the
-broker acknowledged every record, so a 200 means durable. A request is all
-or nothing: one bad record answers 400 naming its index, field and reason,
-publishes nothing, and leaves a dead letter for the operator.
+broker acknowledged every record, so a 200 means durable. Every record of a
+request is validated before any is published: one bad record answers 400
+naming its index, field and reason, publishes nothing, and leaves a dead
+letter for the operator. If the broker fails while a valid batch is being
+published, the answer is 503 and the client sends the batch again: records
+are identified by (portal, message id, part), so the pipeline drops what the
+first try already published (Kafka without transactions cannot take back a
+half-published batch; redelivery plus dedup is what makes it whole).
+
+Hostile clients: the body is read whole but never beyond
+``ingest.max_body_bytes`` (413), a header that is not valid UTF-8 is just a
+wrong token (401), and a connection must finish its request headers within
+``ingest.header_timeout_s`` seconds or is closed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 from typing import Any
 
 import orjson
@@ -23,6 +34,56 @@ from topics.codec import RecordError, from_dict
 from topics.deadletter import Stage
 from topics.records import NetworkMessage, PortalInfo
 from topics.settings import Settings, SettingsError
+
+log = logging.getLogger("backflow.ingest")
+
+# Seconds a keep-alive connection may stay idle between requests.
+KEEPALIVE_TIMEOUT = 30.0
+
+
+class HeaderDeadline(asyncio.Protocol):
+    """Closes a connection whose first request headers do not arrive in time.
+
+    aiohttp waits for request headers without a deadline, so a client that
+    never finishes them would hold a connection forever. This wraps aiohttp's
+    protocol (``runner.server()``: public API) and only watches for the blank
+    line that ends the headers; everything is passed through unchanged. Idle
+    keep-alive connections are closed by aiohttp after KEEPALIVE_TIMEOUT.
+    """
+
+    def __init__(self, inner: asyncio.Protocol, timeout: float) -> None:
+        self.inner = inner
+        self.timeout = timeout
+        self.timer: asyncio.TimerHandle | None = None
+        self.tail = b""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.timer = asyncio.get_running_loop().call_later(self.timeout, transport.close)
+        self.inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.timer is not None:
+            seen = self.tail + data
+            if b"\r\n\r\n" in seen:
+                self.timer.cancel()
+                self.timer = None
+            else:
+                self.tail = seen[-3:]
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
 
 
 def _error(status: int, errcode: str, message: str, **extra: Any) -> web.Response:
@@ -55,6 +116,24 @@ def parse_body(raw: bytes) -> list[NetworkMessage | PortalInfo]:
     return records
 
 
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The whole request body, however many TCP segments it came in; at most ``limit``."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await request.content.readany()
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+
+
 def make_app(settings: Settings, publisher: Publisher) -> web.Application:
     token = settings.ingest.token
     if not token:
@@ -65,15 +144,18 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
     lock = asyncio.Lock()
 
     async def post_records(request: web.Request) -> web.Response:
-        given = request.headers.get("Authorization", "").encode()
+        # Any byte a client sends is only ever a wrong token, never a 500.
+        given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         if not hmac.compare_digest(given, expected):
             return _error(401, "M_UNKNOWN_TOKEN", "missing or wrong bearer token")
         limit = settings.ingest.max_body_bytes
+        too_large = _error(413, "M_TOO_LARGE", f"body over {limit} bytes")
         if request.content_length is not None and request.content_length > limit:
-            return _error(413, "M_TOO_LARGE", f"body over {limit} bytes")
-        raw = await request.content.read(limit + 1)
-        if len(raw) > limit:
-            return _error(413, "M_TOO_LARGE", f"body over {limit} bytes")
+            return too_large
+        try:
+            raw = await read_body(request, limit)
+        except BodyTooLarge:
+            return too_large
         try:
             records = parse_body(raw)
         except RecordError as exc:
@@ -81,10 +163,19 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
                 await publisher.reject(f"http:{request.remote}{request.path}", str(exc), raw)
                 await publisher.flush()
             return _error(400, "M_BAD_JSON", str(exc), field=exc.field, reason=exc.reason)
-        async with lock:
-            for record in records:
-                await publisher.record(record)
-            await publisher.flush()
+        try:
+            async with lock:
+                for record in records:
+                    await publisher.record(record)
+                await publisher.flush()
+        except Exception as exc:  # noqa: BLE001 - the broker: the client retries the batch
+            log.warning("publishing a batch of %d failed: %r", len(records), exc)
+            return _error(
+                503,
+                "M_UNAVAILABLE",
+                "the broker did not take the batch; send it again (records already "
+                "published are deduplicated by message id)",
+            )
         return web.json_response({"accepted": len(records)})
 
     async def health(_: web.Request) -> web.Response:
@@ -102,15 +193,25 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     producer = bus.producer(settings)
     await bus.start(producer, settings)
     runner: web.AppRunner | None = None
+    listener: asyncio.Server | None = None
     try:
         app = make_app(settings, Publisher(settings, producer, Stage.INGEST))
-        runner = web.AppRunner(app, access_log=None)
+        runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
         await runner.setup()
-        await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+        server = runner.server
+        assert server is not None
+        loop = asyncio.get_running_loop()
+        listener = await loop.create_server(
+            lambda: HeaderDeadline(server(), settings.ingest.header_timeout_s),
+            host or "127.0.0.1",
+            int(port),
+        )
         if ready is not None:
             ready.set()
         await asyncio.Event().wait()
     finally:
+        if listener is not None:
+            listener.close()
         if runner is not None:
             await runner.cleanup()
         await producer.stop()

@@ -70,6 +70,7 @@ class IngestSettings:
     listen: str = "127.0.0.1:8480"
     token: str | None = None  # required: `backflow ingest` refuses to start without it
     max_body_bytes: int = 10 * 1024 * 1024
+    header_timeout_s: float = 10.0  # a connection must finish its request headers in time
 
 
 @dataclass(frozen=True)
