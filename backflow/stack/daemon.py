@@ -35,6 +35,7 @@ from backflow.stack.postgres import (
     create_database,
     resolve_admin_url,
 )
+from backflow.stack.private import UMASK, private_dir, tighten, write_private
 from backflow.stack.synapse import Appservice, Synapse, default_appservice, free_port
 
 ENV_FILE = "stack.env"
@@ -92,7 +93,7 @@ def read_env(state_dir: Path) -> dict[str, str]:
 def _write_atomic(path: Path, text: str) -> None:
     # Readers poll for the file: they must never see it half written.
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    write_private(tmp, text)  # it can carry a database password
     os.replace(tmp, path)
 
 
@@ -276,10 +277,12 @@ async def _serve(state_dir: Path, partitions: int) -> None:
 def serve(state_dir: Path, partitions: int = 8) -> None:
     """Run the embedded stack in this process until SIGTERM/SIGINT."""
     state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    os.umask(UMASK)  # everything the stack and its servers create is private
+    private_dir(state_dir)
     pid = _read_pid(state_dir)
     if pid is not None and pid != os.getpid() and _pid_alive(pid):
         raise RuntimeError(f"a backflow stack (pid {pid}) already runs for {state_dir}")
+    tighten(state_dir)
     (state_dir / ENV_FILE).unlink(missing_ok=True)
     (state_dir / PID_FILE).write_text(f"{os.getpid()}\n")
     try:
@@ -301,7 +304,7 @@ def start_background(
 ) -> dict[str, str]:
     """Start the daemon detached (or find it running) and return its variables."""
     state_dir = Path(state_dir).resolve()
-    state_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(state_dir)
     running = read_env(state_dir)
     if running:
         return running
@@ -318,6 +321,7 @@ def start_background(
             ],
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             env=env, start_new_session=True,  # survives the CLI and its terminal
+            umask=UMASK,
         )
     deadline = time.monotonic() + timeout
     while True:

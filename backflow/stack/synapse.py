@@ -29,6 +29,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
+from backflow.stack.private import UMASK, private_dir, tighten, write_private
+
 
 @dataclass(frozen=True)
 class Appservice:
@@ -237,7 +239,7 @@ class Synapse:
         """Run Synapse's generator once: it creates the secrets and signing key."""
         if self.generated_config.exists():
             return
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.state_dir)
         tmp = self.state_dir / "generated.yaml.tmp"
         result = subprocess.run(
             [
@@ -257,6 +259,7 @@ class Synapse:
             capture_output=True,
             text=True,
             timeout=120,
+            umask=UMASK,  # the generated config and signing key hold secrets
         )
         if result.returncode != 0:
             raise SynapseError(f"synapse --generate-config failed:\n{result.stderr[-3000:]}")
@@ -274,8 +277,8 @@ class Synapse:
         reg_files = []
         for appservice in self.appservices:
             path = self.registration_path(appservice)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(yaml.safe_dump(appservice.registration(self.server_name)))
+            private_dir(path.parent)
+            write_private(path, yaml.safe_dump(appservice.registration(self.server_name)))
             reg_files.append(str(path))
         log_config = self.state_dir / "log.yaml"
         log_config.write_text(_LOG_CONFIG)
@@ -305,7 +308,8 @@ class Synapse:
         )
         if self.database_url is not None:
             config["database"] = postgres_database_config(self.database_url)
-        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        write_private(self.config_path, yaml.safe_dump(config, sort_keys=False))
+        tighten(self.state_dir)  # the generated config, signing key, an older database
 
     def _kill_stale(self) -> None:
         """Kill a Synapse left running on this data dir by a crashed parent."""
@@ -339,6 +343,7 @@ class Synapse:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "synapse.app.homeserver", "-c", str(self.config_path)],
             cwd=self.state_dir,
+            umask=UMASK,  # its database and media are the operator's alone
             stdin=subprocess.DEVNULL,
             stdout=self._log_file,
             stderr=subprocess.STDOUT,

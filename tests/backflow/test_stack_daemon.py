@@ -84,6 +84,26 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
     assert reg["url"] is None and reg["namespaces"]["users"][0]["exclusive"]
 
 
+def test_secrets_and_state_are_private(stack_dir: Path) -> None:
+    """Registrations, Synapse's config, keys and database, stack.env: the owner's only."""
+    env = read_env(stack_dir)
+    secrets = [
+        stack_dir / "stack.env",
+        Path(env["BACKFLOW_APPSERVICE_REGISTRATION"]),
+        *stack_dir.rglob("homeserver.yaml"),
+        *stack_dir.rglob("*.signing.key"),
+    ]
+    assert len(secrets) >= 4, secrets
+    for path in secrets:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+    loose = [
+        p
+        for p in [stack_dir, *stack_dir.rglob("*")]
+        if not p.is_symlink() and not p.is_socket() and p.stat().st_mode & 0o077
+    ]
+    assert loose == [], [f"{p} {oct(p.stat().st_mode)}" for p in loose[:10]]
+
+
 def test_stop_removes_env_and_restart_keeps_tokens(stack_dir: Path) -> None:
     reg_before = Path(read_env(stack_dir)["BACKFLOW_APPSERVICE_REGISTRATION"]).read_text()
     db_before = read_env(stack_dir)["BACKFLOW_DATABASE_URL"]
