@@ -15,16 +15,23 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import orjson
 from aiokafka import AIOKafkaProducer
 
 from connectors.source import Rejected, Source
 from topics import bus
-from topics.codec import RecordError, from_dict, to_dict
+from topics.codec import MAX_RECORD_BYTES, RecordError, encode, from_dict, to_dict
 from topics.deadletter import DeadLetters, Stage
-from topics.records import HistoryComplete, NetworkMessage, PortalInfo, Record, SyncComplete
+from topics.records import (
+    HistoryComplete,
+    NetworkMessage,
+    PortalInfo,
+    Record,
+    SyncComplete,
+)
+from topics.schema import usable_key
 from topics.settings import Settings
 
 # Outstanding sends before we wait for acks: bounds memory, keeps batching.
@@ -74,6 +81,7 @@ class Publisher:
         self.producer = producer
         self.catalog = settings.catalog
         self.dead_letters = DeadLetters(producer, self.catalog.dead_letters, stage)
+        self.members_capped = 0  # members left out of portal records too big to publish
         self._pending: list = []
 
     async def send(self, topic: str, record: Record, key: str | None = None) -> None:
@@ -98,8 +106,17 @@ class Publisher:
         """
         checked = from_dict(to_dict(record))
         assert isinstance(checked, NetworkMessage | PortalInfo)
+        data = encode(checked)
+        if len(data) > MAX_RECORD_BYTES:
+            if not isinstance(checked, PortalInfo) or not checked.members:
+                raise RecordError(
+                    "", f"record is {len(data)} bytes, over the {MAX_RECORD_BYTES}-byte limit"
+                )
+            checked, data = fit_members(checked, MAX_RECORD_BYTES)
+            self.members_capped += len(record.members) - len(checked.members)
         live = isinstance(checked, NetworkMessage) and not checked.history
-        await self.send(self.catalog.live if live else self.catalog.history, checked)
+        topic = self.catalog.live if live else self.catalog.history
+        await self._track(await self.producer.send(topic, data, key=checked.key.encode()))
         return checked
 
     async def reject(
@@ -108,6 +125,25 @@ class Publisher:
         """Dead-letter input that was refused; ``where`` is its file:line (or request)."""
         letter = self.dead_letters.build(reason, original, source=where, key=key)
         await self._track(await self.dead_letters.queue(letter))
+
+
+def fit_members(info: PortalInfo, limit: int) -> tuple[PortalInfo, bytes]:
+    """The portal record with as many of its members as fit in ``limit`` bytes.
+
+    Members left out are not lost to the room: the sink joins a ghost before
+    it first speaks; the list only pre-joins those who never do. A record that
+    does not fit even without members is refused.
+    """
+    keep = len(info.members)
+    while True:
+        keep = max(0, keep)
+        trial = replace(info, members=info.members[:keep])
+        data = encode(trial)
+        if len(data) <= limit:
+            return trial, data
+        if keep == 0:
+            raise RecordError("", f"record is {len(data)} bytes without members, over the limit")
+        keep = min(keep - 1, keep * limit // len(data) - 1)
 
 
 async def publish_source(
@@ -126,13 +162,18 @@ async def publish_source(
     try:
         for n, item in enumerate(source.read(), start=1):
             if isinstance(item, Rejected):
-                await _reject(publisher, summary, on_reject, item.where, item.reason, item.original)
+                await _reject(
+                    publisher, summary, on_reject, item.where, item.reason, item.original, item.key
+                )
             else:
                 try:
                     record = await publisher.record(item)
                 except RecordError as exc:
                     original = to_dict_safe(item)
-                    await _reject(publisher, summary, on_reject, f"item {n}", str(exc), original)
+                    key = usable_key(getattr(item, "network", None), getattr(item, "portal", None))
+                    await _reject(
+                        publisher, summary, on_reject, f"item {n}", str(exc), original, key
+                    )
                     continue
                 portal = (record.network, record.portal)
                 counts.setdefault(portal, 0)
@@ -160,6 +201,8 @@ async def publish_source(
         await producer.stop()
     summary.portals = len(counts)
     summary.stats = dict(source.stats)
+    if publisher.members_capped:
+        summary.stats["members_capped"] = publisher.members_capped
     summary.seconds = time.monotonic() - started
     if progress is not None:
         progress(summary)
@@ -180,9 +223,10 @@ async def _reject(
     where: str,
     reason: str,
     original: str | bytes,
+    key: str | None = None,
 ) -> None:
     summary.rejected += 1
     summary.reasons[_reason_class(reason)] += 1
-    await publisher.reject(where, reason, original)
+    await publisher.reject(where, reason, original, key)
     if on_reject is not None:
         on_reject(where, reason)

@@ -31,7 +31,8 @@ class Rejected:
 
     where: str  # "file.txt:12", "channel/2024-01-01.json[3]" ...
     reason: str
-    original: str = ""
+    original: str | bytes = ""  # what was read, as read (bounded in the dead letter)
+    key: str | None = None  # the portal key ("network:portal") when the input names one
 
 
 SourceItem = PortalInfo | NetworkMessage | Rejected
@@ -80,6 +81,25 @@ class Source:
             return min(handle.tell(), total), total
         except (OSError, ValueError):  # closed, or not seekable
             return None
+
+
+def read_lines(handle: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for each line of ``handle``; None for a line over ``limit`` bytes.
+
+    Memory stays bounded by ``limit`` whatever the input: the rest of an
+    over-long line is skipped in chunks, never held whole.
+    """
+    number = 0
+    while line := handle.readline(limit + 1):
+        number += 1
+        if len(line) <= limit:
+            yield number, line
+            continue
+        while not line.endswith(b"\n"):
+            line = handle.readline(64 * 1024)
+            if not line:
+                break
+        yield number, None
 
 
 def available() -> dict[str, type[Source]]:

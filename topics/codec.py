@@ -20,7 +20,9 @@ from topics.schema import (
     MAX_ID_LEN,
     MAX_RECORD_BYTES,
     MAX_TEXT_LEN,
+    MAX_URL_LEN,
     NETWORK_RE,
+    URL_RE,
     RecordError,
     parse,
 )
@@ -124,6 +126,13 @@ def _fast_optional(value: Any, max_len: int) -> bool:
     return value is None or (type(value) is str and len(value) <= max_len)
 
 
+def _fast_url(value: Any) -> bool:
+    """``_Obj.url`` would accept it (None included)."""
+    return value is None or (
+        type(value) is str and len(value) <= MAX_URL_LEN and URL_RE.match(value) is not None
+    )
+
+
 def _fast_text(value: Any) -> bool:
     """``_Obj.str(required=True)`` would accept it."""
     return type(value) is str and 0 < len(value) <= MAX_TEXT_LEN
@@ -163,7 +172,7 @@ def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
         return None
     sender_id, name, avatar = sender.get("id"), sender.get("name"), sender.get("avatar_url")
     if not (
-        _fast_id(sender_id) and _fast_optional(name, 255) and _fast_optional(avatar, MAX_TEXT_LEN)
+        _fast_id(sender_id) and _fast_optional(name, 255) and _fast_url(avatar)
     ):
         return None
     body = _fast_content(content)

@@ -29,6 +29,7 @@ from topics.records import (
     Sender,
     SendMessage,
     SyncComplete,
+    portal_key,
 )
 
 # Kafka's default message.max.bytes is ~1 MB; stay under it with headroom.
@@ -36,7 +37,12 @@ MAX_RECORD_BYTES = 900_000
 MAX_ID_LEN = 255
 MAX_TEXT_LEN = 65_536
 
+MAX_URL_LEN = 4096
+
 NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+# Schemes the sink knows; anything else (file://, gopher://, a bare path) is
+# refused where the line number is still known, not later by the sink.
+URL_RE = re.compile(r"^(?:[hH][tT][tT][pP][sS]?|[mM][xX][cC])://[^\s\x00-\x1f\x7f]+$")
 
 
 class RecordError(ValueError):
@@ -46,6 +52,17 @@ class RecordError(ValueError):
         super().__init__(f"field '{field}': {reason}" if field else reason)
         self.field = field
         self.reason = reason
+
+
+def usable_key(network: Any, portal: Any) -> str | None:
+    """The portal key of a (possibly invalid) record's network and portal, if both are valid.
+
+    Lets a dead letter carry the key of the portal a rejected record was for.
+    """
+    if isinstance(network, str) and NETWORK_RE.match(network) and isinstance(portal, str):
+        if 0 < len(portal) <= MAX_ID_LEN:
+            return portal_key(network, portal)
+    return None
 
 
 def parse(obj: Any) -> Record:
@@ -101,6 +118,16 @@ class _Obj:
 
     def id(self, key: str, required: bool = True) -> Any:
         return self.str(key, required, MAX_ID_LEN)
+
+    def url(self, key: str) -> Any:
+        """A URL the sink may fetch or use: http(s), or mxc for media already on Matrix."""
+        value = self.str(key, max_len=MAX_URL_LEN)
+        if value is not None and not URL_RE.match(value):
+            raise RecordError(
+                self._name(key),
+                f"must be an http(s):// or mxc:// URL without spaces, got {value[:40]!r}",
+            )
+        return value
 
     def int(self, key: str, required: bool = False, minimum: int | None = None) -> Any:
         value = self._get(key, required)
@@ -171,11 +198,11 @@ class _Obj:
 
 
 def _sender(o: _Obj) -> Sender:
-    return Sender(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.str("avatar_url"))
+    return Sender(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.url("avatar_url"))
 
 
 def _member(o: _Obj) -> Member:
-    return Member(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.str("avatar_url"))
+    return Member(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.url("avatar_url"))
 
 
 def _content(o: _Obj) -> Content:
@@ -201,7 +228,7 @@ def _content(o: _Obj) -> Content:
             filename=o.str("filename", max_len=255),
             mimetype=o.str("mimetype", max_len=255),
             size=o.int("size", minimum=0),
-            url=o.str("url", max_len=4096),
+            url=o.url("url"),
             data=o.str("data", max_len=MAX_RECORD_BYTES),
             width=o.int("width", minimum=0),
             height=o.int("height", minimum=0),
@@ -249,7 +276,7 @@ def _portal_meta(o: _Obj) -> dict[str, Any]:
         "name": o.str("name", max_len=255),
         "topic": o.str("topic", max_len=4096),
         "members": tuple(_member(m) for m in o.objs("members")),
-        "avatar_url": o.str("avatar_url"),
+        "avatar_url": o.url("avatar_url"),
     }
 
 

@@ -38,6 +38,9 @@ async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path)
         b"",
         line(5, content={"kind": "text"}),
         line(6),
+        # 10 MB on one line: rejected without being held, the file goes on.
+        b'{"type": "message", "body": "' + b"x" * 10_000_000 + b'"}',
+        line(7),
     ]
     path = tmp_path / "history.jsonl"
     path.write_bytes(b"\n".join(lines) + b"\n")
@@ -48,26 +51,30 @@ async def test_bad_lines_are_reported_dead_lettered_and_skipped(stack, tmp_path)
     assert "history.jsonl:4: field 'ts': expected an integer, got string" in result.stderr
     assert "history.jsonl:5: field 'sender': missing" in result.stderr
     assert "history.jsonl:8: field 'content.body': missing" in result.stderr
-    assert "3 messages in 1 portals published" in result.stdout
-    assert "4 rejected" in result.stdout
+    assert "history.jsonl:10: line over 900000 bytes: not read" in result.stderr
+    assert "4 messages in 1 portals published" in result.stdout
+    assert "5 rejected" in result.stdout
 
-    history = await read_topic(stack, stack.catalog.history, expect=6)
+    history = await read_topic(stack, stack.catalog.history, expect=7)
     # One partition holds the portal in publication order, the marker last.
     portal_records = [r for r in history if getattr(r, "key", "") == "demo:jsonl-chat"]
-    assert [type(r) for r in portal_records] == [PortalInfo] + [NetworkMessage] * 3 + [
+    assert [type(r) for r in portal_records] == [PortalInfo] + [NetworkMessage] * 4 + [
         HistoryComplete
     ]
-    assert [m.id for m in portal_records[1:4]] == ["j1", "j4", "j6"]
-    assert portal_records[4].count == 3
+    assert [m.id for m in portal_records[1:5]] == ["j1", "j4", "j6", "j7"]
+    assert portal_records[5].count == 4
     (sync,) = [r for r in history if isinstance(r, SyncComplete)]
-    assert sync.portals == 1 and sync.sync == portal_records[4].sync
+    assert sync.portals == 1 and sync.sync == portal_records[5].sync
 
-    letters = await read_topic(stack, stack.catalog.dead_letters, expect=4)
-    assert sorted(d.source for d in letters) == [f"history.jsonl:{n}" for n in (3, 4, 5, 8)]
+    letters = await read_topic(stack, stack.catalog.dead_letters, expect=5)
+    assert sorted(d.source for d in letters) == [f"history.jsonl:{n}" for n in (10, 3, 4, 5, 8)]
     assert all(d.stage == "import" for d in letters)
     by_source = {d.source: d for d in letters}
-    assert by_source["history.jsonl:3"].original == "{this is not json"
+    assert by_source["history.jsonl:3"].original == "{this is not json\n"  # as read
     assert "field 'content.body'" in by_source["history.jsonl:8"].reason
+    # A rejected line that names a usable portal is dead-lettered under its key.
+    assert by_source["history.jsonl:4"].key == "demo:jsonl-chat"
+    assert by_source["history.jsonl:3"].key is None
 
 
 async def test_missing_file_and_unreachable_broker_are_one_line(stack, tmp_path):
