@@ -36,6 +36,7 @@ from typing import IO, Any
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport
+from connectors.sources.shape import mismatch
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
@@ -62,6 +63,35 @@ NOTICE_SUBTYPES = frozenset(
         "reminder_add",
     }
 )
+# What the parser reads of each entry (connectors/sources/shape.py); an entry
+# of another shape is rejected with the field named instead of crashing.
+_PROFILE = {"display_name": str, "real_name": str, "name": str}
+USER_SHAPE = {"id": str, "name": str, "real_name": str, "profile": _PROFILE}
+CONVERSATION_SHAPE = {
+    "id": str,
+    "name": str,
+    "members": [str],
+    "topic": {"value": str},
+    "purpose": {"value": str},
+}
+MESSAGE_SHAPE = {
+    "type": str,
+    "subtype": str,
+    "hidden": bool,
+    "ts": str,
+    "thread_ts": str,
+    "user": str,
+    "text": str,
+    "bot_id": str,
+    "username": str,
+    "bot_profile": {"name": str},
+    "user_profile": _PROFILE,
+    "attachments": [{"fallback": str, "text": str}],
+    "files": [
+        {"id": str, "name": str, "title": str, "mode": str, "url_private": str, "permalink": str}
+    ],
+    "reactions": [{"name": str, "users": [str]}],
+}
 _DAY_FILE = re.compile(r"^(?P<folder>[^/]+)/(?P<day>\d{4}-\d{2}-\d{2})\.json$")
 _TS = re.compile(r"^\d{1,12}(\.\d{1,9})?$")
 
@@ -70,6 +100,14 @@ def ts_ms(ts: str) -> int:
     """Slack's "1700000000.123456" (seconds as a decimal string) to integer ms, no floats."""
     sec, _, frac = ts.partition(".")
     return int(sec) * 1000 + int((frac + "000")[:3])
+
+
+def _excerpt(entry: Any) -> str:
+    """An entry as JSON for a dead letter (bounded there; never raises)."""
+    try:
+        return json.dumps(entry)[:4000]
+    except (TypeError, ValueError, RecursionError):
+        return repr(type(entry))
 
 
 class _Export:
@@ -136,17 +174,25 @@ class _Export:
         with self.open(name) as handle:
             return json.load(handle)
 
-    def metadata(self, name: str) -> list[dict[str, Any]]:
-        """A top-level list file (users.json, channels.json …); absent means empty."""
+    def metadata(self, name: str, shape: dict[str, Any]) -> Iterator[dict[str, Any] | Rejected]:
+        """The entries of a top-level list file (users.json, channels.json …) of ``shape``.
+
+        Absent means empty; an entry of another shape is a Rejected naming it.
+        """
         if name not in self.names:
-            return []
+            return
         try:
             data = self.load(name)
-        except (ValueError, *self._DAMAGE) as exc:
+        except (ValueError, RecursionError, *self._DAMAGE) as exc:
             raise SourceError(f"{self.path.name}: cannot read {name}: {exc}") from None
         if not isinstance(data, list):
             raise SourceError(f"{self.path.name}: {name} is not a JSON array")
-        return [d for d in data if isinstance(d, dict)]
+        for index, entry in enumerate(data):
+            reason = mismatch(entry, shape)
+            if reason is None:
+                yield entry
+            else:
+                yield Rejected(f"{name}[{index}]", reason, _excerpt(entry))
 
     def close(self) -> None:
         if self.zip is not None:
@@ -178,7 +224,10 @@ class SlackSource(Source):
         if names_option not in ("display", "real"):
             raise SourceError(f"option names must be display or real, got {names_option!r}")
         self.users: dict[str, str] = {}
-        for user in export.metadata("users.json"):
+        for user in export.metadata("users.json", USER_SHAPE):
+            if isinstance(user, Rejected):
+                yield user
+                continue
             profile = user.get("profile") or {}
             display = profile.get("display_name")
             real = profile.get("real_name") or user.get("real_name")
@@ -188,8 +237,10 @@ class SlackSource(Source):
                 self.users[user["id"]] = name or user["id"]
         conversations: list[tuple[str, dict[str, Any]]] = []
         for filename in CONVERSATION_FILES:
-            for conv in export.metadata(filename):
-                if isinstance(conv.get("id"), str):
+            for conv in export.metadata(filename, CONVERSATION_SHAPE):
+                if isinstance(conv, Rejected):
+                    yield conv
+                elif isinstance(conv.get("id"), str):
                     conversations.append((filename, conv))
         channel_names = {c["id"]: c.get("name") or c["id"] for _, c in conversations}
         self.mrkdwn = Mrkdwn(self.users, channel_names)
@@ -241,7 +292,7 @@ class SlackSource(Source):
             except OutsideExport as exc:
                 yield Rejected(name, f"not read: {exc}")
                 continue
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 yield Rejected(name, f"invalid JSON: {exc}")
                 continue
             except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
@@ -251,8 +302,9 @@ class SlackSource(Source):
                 continue
             for index, msg in enumerate(messages):
                 where = f"{name}[{index}]"
-                if not isinstance(msg, dict):
-                    yield Rejected(where, "message is not a JSON object", json.dumps(msg)[:2000])
+                reason = mismatch(msg, MESSAGE_SHAPE)
+                if reason is not None:
+                    yield Rejected(where, reason, _excerpt(msg))
                     continue
                 yield from self._message(portal, msg, where)
             del messages  # one day in memory at a time
@@ -282,11 +334,11 @@ class SlackSource(Source):
             return
         ts = msg.get("ts")
         if not isinstance(ts, str) or not _TS.match(ts):
-            yield Rejected(where, f"missing or malformed ts {ts!r}", json.dumps(msg)[:2000])
+            yield Rejected(where, f"missing or malformed ts {ts!r}", _excerpt(msg))
             return
         sender = self._sender(msg)
         if sender is None:
-            yield Rejected(where, "message has neither user nor bot_id", json.dumps(msg)[:2000])
+            yield Rejected(where, "message has neither user nor bot_id", _excerpt(msg))
             return
         thread_ts = msg.get("thread_ts")
         thread = thread_ts if isinstance(thread_ts, str) and thread_ts != ts else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import mimetypes
 from collections.abc import Iterator
 from datetime import datetime
@@ -33,6 +34,7 @@ import ijson
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
+from connectors.sources.shape import MAX_DEPTH, mismatch
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -57,6 +59,42 @@ _MEDIA_KINDS = {
     "video_message": "video",
     "animation": "video",
     "sticker": "image",
+}
+
+
+# What the parser reads of a message (connectors/sources/shape.py); a message of
+# another shape is rejected with the field named instead of crashing the import.
+_ENTITY = {"type": str, "text": str, "href": str, "language": str}
+_ID = (str, int)
+MESSAGE_SHAPE = {
+    "id": float,
+    "type": str,
+    "date": str,
+    "date_unixtime": _ID,
+    "from": str,
+    "from_id": _ID,
+    "actor": str,
+    "actor_id": _ID,
+    "action": str,
+    "title": str,
+    "members": [str],
+    "text": (str, [(str, _ENTITY)]),
+    "text_entities": [_ENTITY],
+    "reply_to_message_id": float,
+    "message_id": float,
+    "photo": str,
+    "file": str,
+    "file_name": str,
+    "mime_type": str,
+    "media_type": str,
+    "width": float,
+    "height": float,
+    "duration_seconds": float,
+    "location_information": {"latitude": float, "longitude": float},
+    "place_name": str,
+    "address": str,
+    "poll": {"question": str, "answers": [{"text": str}]},
+    "contact_information": {"first_name": str, "last_name": str, "phone_number": str},
 }
 
 
@@ -125,6 +163,47 @@ def _service_body(msg: dict[str, Any]) -> str:
     return known.get(action) or f"{actor}: {action.replace('_', ' ')}"
 
 
+_TOO_DEEP = object()  # stands for a message that was skipped while parsing
+
+
+def _excerpt(entry: Any) -> str:
+    """An entry as JSON for a dead letter (bounded there; never raises)."""
+    try:
+        return json.dumps(entry, default=str)[:4000]
+    except (TypeError, ValueError, RecursionError):
+        return repr(type(entry))
+
+
+_PREFIX_PARTS = 6  # "chats.list.item.messages.item" and its fields
+
+
+def _events(handle: Any) -> Iterator[tuple[str | None, str, Any]]:
+    """ijson.parse's (prefix, event, value), with prefixes only near the top.
+
+    ijson builds every prefix in full, so a file nested 100,000 levels deep
+    costs gigabytes in prefix strings alone; the walk only needs the top few
+    levels, and deeper events come with None.
+    """
+    path: list[Any] = []
+    for event, value in ijson.basic_parse(handle, use_float=True):
+        near = len(path) <= _PREFIX_PARTS
+        if event == "map_key":
+            prefix = ".".join(path[:-1]) if near else None
+            path[-1] = value
+        elif event == "start_map":
+            prefix = ".".join(path) if near else None
+            path.append(None)
+        elif event == "start_array":
+            prefix = ".".join(path) if near else None
+            path.append("item")
+        elif event in ("end_map", "end_array"):
+            path.pop()
+            prefix = ".".join(path) if len(path) <= _PREFIX_PARTS else None
+        else:
+            prefix = ".".join(path) if near else None
+        yield prefix, event, value
+
+
 class TelegramSource(Source):
     name = "telegram"
     network = "telegram"
@@ -169,22 +248,26 @@ class TelegramSource(Source):
         base = ""
         builder: ijson.ObjectBuilder | None = None
         depth = 0
-        for prefix, event, value in ijson.parse(handle, use_float=True):
-            if builder is not None:
-                builder.event(event, value)
+        for prefix, event, value in _events(handle):
+            if builder is not None or depth:
                 if event in ("start_map", "start_array"):
                     depth += 1
                 elif event in ("end_map", "end_array"):
                     depth -= 1
+                if builder is not None:
+                    builder.event(event, value)
+                    if depth > MAX_DEPTH:
+                        builder = None  # skip the rest of it: never built, never recursed
                 if depth == 0:
-                    yield chat, "message", builder.value
+                    yield chat, "message", builder.value if builder is not None else _TOO_DEEP
                     builder = None
                 continue
             if event == "start_map" and prefix in CHAT_PREFIXES:
                 base = f"{prefix}." if prefix else ""
                 chat = {"members": {}}
             elif prefix in (f"{base}name", f"{base}id", f"{base}type") and event != "map_key":
-                chat[prefix[len(base) :]] = value
+                if isinstance(value, str) or (prefix == f"{base}id" and isinstance(value, int)):
+                    chat[prefix[len(base) :]] = value
             elif prefix == f"{base}messages" and event == "start_array":
                 cid = chat.get("id")
                 if cid is None:
@@ -218,15 +301,22 @@ class TelegramSource(Source):
     def _message(self, chat: dict[str, Any], msg: Any) -> Iterator[SourceItem]:
         portal = chat["portal"]
         where = f"{self.file}:chat {portal}"
+        if msg is _TOO_DEEP:
+            yield Rejected(where, f"message nests deeper than {MAX_DEPTH} levels: not read")
+            return
         if not isinstance(msg, dict) or not isinstance(msg.get("id"), int | float):
-            yield Rejected(where, "message without an integer id", repr(msg)[:2000])
+            yield Rejected(where, "message without an integer id", _excerpt(msg))
             return
         mid = str(int(msg["id"]))
         where = f"{where} message {mid}"
+        reason = mismatch(msg, MESSAGE_SHAPE)
+        if reason is not None:
+            yield Rejected(where, reason, _excerpt(msg))
+            return
         try:
             ts = self._ts(msg)
         except (KeyError, TypeError, ValueError) as exc:
-            yield Rejected(where, f"missing or malformed date: {exc}", repr(msg)[:2000])
+            yield Rejected(where, f"missing or malformed date: {exc}", _excerpt(msg))
             return
         service = msg.get("type") == "service"
         sender_id = msg.get("actor_id") if service else msg.get("from_id")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.conformance import by_id, run
+from connectors.conformance import by_id, messages, run
 from connectors.source import Rejected, SourceError
 from connectors.sources.slack import SlackSource, ts_ms
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
@@ -210,3 +210,91 @@ def test_ids_stable(export_zip: Path) -> None:
     again = [(r.portal, r.id, r.part) for r in read(export_zip)[0] if hasattr(r, "id")]
     assert first == again
     assert len(set(first)) == len(first)
+
+
+# Hostile shapes: each bad entry is one rejection naming the file, index and
+# field; its neighbours still arrive.
+_GOOD = {"user": "U1", "text": "good", "ts": "1704240000.0"}
+
+
+def _deep(levels: int) -> object:
+    """Lists ``levels`` deep (a day file of 200,000 levels is tested below)."""
+    value: object = "x"
+    for _ in range(levels):
+        value = [value]
+    return value
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        ({"user": "U1", "text": 5, "ts": "1704240001.0"}, "'text'"),
+        ({"user": ["U1"], "text": "x", "ts": "1704240001.0"}, "'user'"),
+        ({"user": "U1", "text": "x", "ts": 1704240001}, "'ts'"),
+        ({"user": "U1", "text": "a\u0000b", "ts": "1704240001.0"}, "NUL"),
+        ({"user": "U1", "text": "x", "ts": "1704240001.0", "files": {"id": 1}}, "'files'"),
+        (
+            {"user": "U1", "text": "x", "ts": "1704240001.0", "reactions": [{"users": "U1"}]},
+            "'reactions[0].users'",
+        ),
+        ({"user": "U1", "text": "x", "ts": "1704240001.0", "blocks": _deep(40)}, "deeper"),
+        ("just a string", "expected an object"),
+    ],
+)
+def test_message_of_the_wrong_shape_is_one_rejection(
+    tmp_path: Path, bad: object, field: str
+) -> None:
+    import json
+
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("users.json", '[{"id": "U1", "name": "ann"}]')
+        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
+        zf.writestr("c/2024-01-03.json", json.dumps([bad, _GOOD]))
+    records, rejected, _ = read(archive)
+    assert len(rejected) == 1, rejected
+    assert rejected[0].where == "c/2024-01-03.json[0]"
+    assert field in rejected[0].reason
+    assert [m.content.body for m in messages(records)] == ["good"]
+
+
+def test_day_file_nested_too_deep_is_rejected_not_a_crash(tmp_path: Path) -> None:
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("users.json", "[]")
+        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
+        zf.writestr("c/2024-01-02.json", "[" * 200_000 + "]" * 200_000)
+        zf.writestr("c/2024-01-03.json", '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]')
+    records, rejected, _ = read(archive)
+    assert [r.where for r in rejected] == ["c/2024-01-02.json"]
+    assert [m.content.body for m in messages(records)] == ["ok"]
+
+
+@pytest.mark.parametrize(
+    "name, entry, field",
+    [
+        ("users.json", {"id": "U2", "profile": {"display_name": 7}}, "'profile.display_name'"),
+        ("users.json", {"id": 2}, "'id'"),
+        ("channels.json", {"id": "C2", "name": "d", "members": "U1"}, "'members'"),
+        ("channels.json", {"id": "C2", "name": "d", "topic": {"value": []}}, "'topic.value'"),
+    ],
+)
+def test_metadata_entry_of_the_wrong_shape_is_one_rejection(
+    tmp_path: Path, name: str, entry: dict, field: str
+) -> None:
+    import json
+
+    users = [{"id": "U1", "name": "ann"}]
+    channels = [{"id": "C1", "name": "c"}]
+    (users if name == "users.json" else channels).insert(0, entry)
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("users.json", json.dumps(users))
+        zf.writestr("channels.json", json.dumps(channels))
+        zf.writestr("c/2024-01-03.json", json.dumps([_GOOD]))
+    records, rejected, _ = read(archive)
+    assert [r.where for r in rejected] == [f"{name}[0]"]
+    assert field in rejected[0].reason
+    good = messages(records)
+    assert [m.content.body for m in good] == ["good"]
+    assert good[0].sender.name == "ann"

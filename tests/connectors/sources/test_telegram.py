@@ -200,3 +200,57 @@ def test_ids_stable_and_copy_of_export(tmp_path: Path) -> None:
     a = [(r.id, r.part) for r in read(SAMPLES / "single")[0] if isinstance(r, NetworkMessage)]
     b = [(r.id, r.part) for r in read(tmp_path / "copy")[0] if isinstance(r, NetworkMessage)]
     assert a == b and len(set(a)) == len(a)
+
+
+_OK = {"id": 9, "type": "message", "date_unixtime": "1704059100", "from_id": "user1", "text": "ok"}
+
+
+@pytest.mark.parametrize(
+    "fields, field",
+    [
+        ({"text": 5}, "'text'"),
+        ({"text": [{"type": "text_link", "text": "a", "href": 3}]}, "'text[0].href'"),
+        ({"text": [{"type": "pre", "text": "a", "language": {}}]}, "'text[0].language'"),
+        ({"mime_type": 1, "file": "files/x"}, "'mime_type'"),
+        ({"title": ["t"]}, "'title'"),
+        ({"type": "service", "action": 4, "actor_id": "user1"}, "'action'"),
+        (
+            {"location_information": {"latitude": "north", "longitude": 1}},
+            "location_information.latitude'",
+        ),
+        ({"photo": "files/a\u0000.jpg"}, "NUL"),
+        ({"text_entities": "plain"}, "'text_entities'"),
+    ],
+)
+def test_message_of_the_wrong_shape_is_one_rejection(
+    tmp_path: Path, fields: dict, field: str
+) -> None:
+    bad = {"id": 2, "type": "message", "date_unixtime": "1704059000", "from_id": "user1"}
+    bad.update(fields)
+    chat = {"name": "c", "id": 1, "messages": [bad, _OK]}
+    (tmp_path / "result.json").write_text(json.dumps(chat))
+    records, rejected, _ = read(tmp_path)
+    assert len(rejected) == 1, rejected
+    assert rejected[0].where.endswith("message 2")
+    assert field in rejected[0].reason
+    assert by_id(records)[("9", 0)].content.body == "ok"
+
+
+def test_deeply_nested_message_is_skipped_not_a_crash(tmp_path: Path) -> None:
+    deep = '{"id": 2, "type": "message", "text": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    text = '{"name": "c", "id": 1, "messages": [' + deep + ", " + json.dumps(_OK) + "]}"
+    (tmp_path / "result.json").write_text(text)
+    records, rejected, _ = read(tmp_path)
+    assert len(rejected) == 1
+    assert "deeper than" in rejected[0].reason
+    assert by_id(records)[("9", 0)].content.body == "ok"
+
+
+@pytest.mark.parametrize("name", ['{"x": 1}', "[1]", "7"])
+def test_chat_name_of_the_wrong_type_is_not_used(tmp_path: Path, name: str) -> None:
+    text = '{"name": ' + name + ', "id": 1, "messages": [' + json.dumps(_OK) + "]}"
+    (tmp_path / "result.json").write_text(text)
+    records, rejected, _ = read(tmp_path)
+    assert rejected == []
+    assert by_id(records)[("9", 0)].content.body == "ok"
+    assert all(not isinstance(r.name, dict | list | int) for r in records if hasattr(r, "name"))
