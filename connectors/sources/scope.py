@@ -10,7 +10,19 @@ by ``st_size`` (which is 0 for ``/proc`` files and can change under us).
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from pathlib import Path, PurePath
+
+# What reading a damaged zip entry may raise (zipfile has no one base class).
+ZIP_DAMAGE = (zipfile.BadZipFile, OSError, EOFError, zlib.error, NotImplementedError)
+_READABLE_METHODS = frozenset(
+    {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+)
+
+
+class UnreadableEntry(ValueError):
+    """A zip entry this importer cannot read (encrypted, an unsupported method)."""
 
 
 class OutsideExport(ValueError):
@@ -63,3 +75,19 @@ def read_bounded(path: Path, limit: int) -> tuple[int, bytes | None]:
                 claimed = 0
             return max(claimed, len(data)), None
     return len(data), data
+
+
+def check_entry(info: zipfile.ZipInfo) -> zipfile.ZipInfo:
+    """``info`` when the entry can be read; UnreadableEntry (encrypted, Deflate64 …) if not.
+
+    Asked before opening: zipfile raises RuntimeError or NotImplementedError
+    for these, which would otherwise end the whole import.
+    """
+    if info.flag_bits & 0x1:
+        raise UnreadableEntry(f"{info.filename} is an encrypted zip entry (export it unencrypted)")
+    if info.compress_type not in _READABLE_METHODS:
+        raise UnreadableEntry(
+            f"{info.filename} uses zip compression method {info.compress_type}, which Python's "
+            "zipfile cannot read (repack the zip with Deflate)"
+        )
+    return info

@@ -29,15 +29,21 @@ import html
 import json
 import re
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
-from connectors.sources.scope import ExportFolder, OutsideExport
-from connectors.sources.shape import mismatch
+from connectors.sources.scope import (
+    ZIP_DAMAGE,
+    ExportFolder,
+    OutsideExport,
+    UnreadableEntry,
+    check_entry,
+)
+from connectors.sources.shape import MAX_DEPTH, mismatch
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
+from connectors.sources.stream import TOO_DEEP, Capped, InvalidJSON, TooLarge, array_items
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 CONVERSATION_FILES = ("channels.json", "groups.json", "mpims.json", "dms.json")
@@ -92,6 +98,11 @@ MESSAGE_SHAPE = {
     ],
     "reactions": [{"name": str, "users": [str]}],
 }
+# Files are streamed entry by entry; the caps only bound what one file may cost
+# (a day file of a busy channel is a few MB; a bomb expands to gigabytes).
+MAX_DAY_FILE_BYTES = 64 * 1024 * 1024
+MAX_LIST_FILE_BYTES = 256 * 1024 * 1024
+_TOO_DEEP = f"entry nests deeper than {MAX_DEPTH} levels: not read"
 _DAY_FILE = re.compile(r"^(?P<folder>[^/]+)/(?P<day>\d{4}-\d{2}-\d{2})\.json$")
 _TS = re.compile(r"^\d{1,12}(\.\d{1,9})?$")
 
@@ -112,8 +123,6 @@ def _excerpt(entry: Any) -> str:
 
 class _Export:
     """A Slack export as a zip or a folder: JSON files by name, day files by folder."""
-
-    _DAMAGE = (zipfile.BadZipFile, OSError, EOFError, zlib.error)
 
     def __init__(self, path: Path, track: Callable[[IO[bytes], int], None]) -> None:
         self.path = path
@@ -162,17 +171,21 @@ class _Export:
     def open(self, name: str) -> IO[bytes]:
         full = self.prefix + name
         if self.zip is not None:
-            return self.zip.open(full)
+            return self.zip.open(check_entry(self.zip.getinfo(full)))
         assert self.folder is not None
         located = self.folder.locate(full)  # OutsideExport for a link out of the folder
         if located is None:
             raise FileNotFoundError(full)
         return located.open("rb")
 
-    def load(self, name: str) -> Any:
-        """Parse one JSON file; damage is the caller's to report."""
+    def items(self, name: str, limit: int) -> Iterator[Any]:
+        """The entries of a JSON array file, streamed and read up to ``limit`` bytes.
+
+        Raises ValueError (not JSON, not an array, TooLarge, OutsideExport,
+        UnreadableEntry) or ZIP_DAMAGE; entries before the damage were yielded.
+        """
         with self.open(name) as handle:
-            return json.load(handle)
+            yield from array_items(Capped(handle, limit, name))
 
     def metadata(self, name: str, shape: dict[str, Any]) -> Iterator[dict[str, Any] | Rejected]:
         """The entries of a top-level list file (users.json, channels.json …) of ``shape``.
@@ -182,17 +195,14 @@ class _Export:
         if name not in self.names:
             return
         try:
-            data = self.load(name)
-        except (ValueError, RecursionError, *self._DAMAGE) as exc:
+            for index, entry in enumerate(self.items(name, MAX_LIST_FILE_BYTES)):
+                reason = _TOO_DEEP if entry is TOO_DEEP else mismatch(entry, shape)
+                if reason is None:
+                    yield entry
+                else:
+                    yield Rejected(f"{name}[{index}]", reason, _excerpt(entry))
+        except (ValueError, *ZIP_DAMAGE) as exc:
             raise SourceError(f"{self.path.name}: cannot read {name}: {exc}") from None
-        if not isinstance(data, list):
-            raise SourceError(f"{self.path.name}: {name} is not a JSON array")
-        for index, entry in enumerate(data):
-            reason = mismatch(entry, shape)
-            if reason is None:
-                yield entry
-            else:
-                yield Rejected(f"{name}[{index}]", reason, _excerpt(entry))
 
     def close(self) -> None:
         if self.zip is not None:
@@ -287,27 +297,24 @@ class SlackSource(Source):
     def _conversation(self, export: _Export, portal: str, folder: str) -> Iterator[SourceItem]:
         for day in export.days.get(folder, ()):
             name = f"{folder}/{day}.json"
+            read = 0
             try:
-                messages = export.load(name)
-            except OutsideExport as exc:
+                for index, msg in enumerate(export.items(name, MAX_DAY_FILE_BYTES)):
+                    read = index + 1
+                    where = f"{name}[{index}]"
+                    reason = _TOO_DEEP if msg is TOO_DEEP else mismatch(msg, MESSAGE_SHAPE)
+                    if reason is not None:
+                        yield Rejected(where, reason, _excerpt(msg))
+                        continue
+                    yield from self._message(portal, msg, where)
+            except (OutsideExport, UnreadableEntry) as exc:
                 yield Rejected(name, f"not read: {exc}")
-                continue
-            except (ValueError, RecursionError) as exc:
-                yield Rejected(name, f"invalid JSON: {exc}")
-                continue
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            except (TooLarge, InvalidJSON) as exc:
+                yield Rejected(name, f"{exc} (after {read} messages)")
+            except ValueError as exc:  # the top level is not an array
+                yield Rejected(name, f"day file {exc}")
+            except ZIP_DAMAGE as exc:
                 raise SourceError(f"{self.path.name}: damaged archive at {name}: {exc}") from None
-            if not isinstance(messages, list):
-                yield Rejected(name, "day file is not a JSON array")
-                continue
-            for index, msg in enumerate(messages):
-                where = f"{name}[{index}]"
-                reason = mismatch(msg, MESSAGE_SHAPE)
-                if reason is not None:
-                    yield Rejected(where, reason, _excerpt(msg))
-                    continue
-                yield from self._message(portal, msg, where)
-            del messages  # one day in memory at a time
 
     def _sender(self, msg: dict[str, Any]) -> Sender | None:
         user = msg.get("user")

@@ -30,11 +30,10 @@ from pathlib import PurePath
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-import ijson
-
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
 from connectors.sources.shape import MAX_DEPTH, mismatch
+from connectors.sources.stream import TOO_DEEP, Entries, InvalidJSON, events
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -163,45 +162,12 @@ def _service_body(msg: dict[str, Any]) -> str:
     return known.get(action) or f"{actor}: {action.replace('_', ' ')}"
 
 
-_TOO_DEEP = object()  # stands for a message that was skipped while parsing
-
-
 def _excerpt(entry: Any) -> str:
     """An entry as JSON for a dead letter (bounded there; never raises)."""
     try:
         return json.dumps(entry, default=str)[:4000]
     except (TypeError, ValueError, RecursionError):
         return repr(type(entry))
-
-
-_PREFIX_PARTS = 6  # "chats.list.item.messages.item" and its fields
-
-
-def _events(handle: Any) -> Iterator[tuple[str | None, str, Any]]:
-    """ijson.parse's (prefix, event, value), with prefixes only near the top.
-
-    ijson builds every prefix in full, so a file nested 100,000 levels deep
-    costs gigabytes in prefix strings alone; the walk only needs the top few
-    levels, and deeper events come with None.
-    """
-    path: list[Any] = []
-    for event, value in ijson.basic_parse(handle, use_float=True):
-        near = len(path) <= _PREFIX_PARTS
-        if event == "map_key":
-            prefix = ".".join(path[:-1]) if near else None
-            path[-1] = value
-        elif event == "start_map":
-            prefix = ".".join(path) if near else None
-            path.append(None)
-        elif event == "start_array":
-            prefix = ".".join(path) if near else None
-            path.append("item")
-        elif event in ("end_map", "end_array"):
-            path.pop()
-            prefix = ".".join(path) if len(path) <= _PREFIX_PARTS else None
-        else:
-            prefix = ".".join(path) if near else None
-        yield prefix, event, value
 
 
 class TelegramSource(Source):
@@ -237,8 +203,8 @@ class TelegramSource(Source):
                         yield from self._message(chat, obj)
                     elif event == "end" and chat["members"]:
                         yield self._portal(chat, tuple(chat["members"].values()))
-            except ijson.JSONError as exc:
-                raise SourceError(f"{path.name}: invalid JSON: {exc}") from None
+            except InvalidJSON as exc:
+                raise SourceError(f"{path.name}: {exc}") from None
         if chats == 0 and not only:
             raise SourceError(f"{path.name}: no chats with messages found")
 
@@ -246,21 +212,12 @@ class TelegramSource(Source):
         """(chat, "start" | "message" | "end", message) from a stream of parse events."""
         chat: dict[str, Any] = {}
         base = ""
-        builder: ijson.ObjectBuilder | None = None
-        depth = 0
-        for prefix, event, value in _events(handle):
-            if builder is not None or depth:
-                if event in ("start_map", "start_array"):
-                    depth += 1
-                elif event in ("end_map", "end_array"):
-                    depth -= 1
-                if builder is not None:
-                    builder.event(event, value)
-                    if depth > MAX_DEPTH:
-                        builder = None  # skip the rest of it: never built, never recursed
-                if depth == 0:
-                    yield chat, "message", builder.value if builder is not None else _TOO_DEEP
-                    builder = None
+        entries = Entries()
+        for prefix, event, value in events(handle):
+            if entries.building:
+                done, msg = entries.feed(event, value)
+                if done:
+                    yield chat, "message", msg
                 continue
             if event == "start_map" and prefix in CHAT_PREFIXES:
                 base = f"{prefix}." if prefix else ""
@@ -277,9 +234,7 @@ class TelegramSource(Source):
             elif prefix == f"{base}messages" and event == "end_array":
                 yield chat, "end", None
             elif prefix == f"{base}messages.item" and event == "start_map":
-                builder = ijson.ObjectBuilder()
-                builder.event(event, value)
-                depth = 1
+                entries.start(event, value)
 
     def _portal(self, chat: dict[str, Any], members: tuple[Member, ...]) -> PortalInfo:
         return PortalInfo(
@@ -301,7 +256,7 @@ class TelegramSource(Source):
     def _message(self, chat: dict[str, Any], msg: Any) -> Iterator[SourceItem]:
         portal = chat["portal"]
         where = f"{self.file}:chat {portal}"
-        if msg is _TOO_DEEP:
+        if msg is TOO_DEEP:
             yield Rejected(where, f"message nests deeper than {MAX_DEPTH} levels: not read")
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("id"), int | float):

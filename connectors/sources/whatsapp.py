@@ -31,8 +31,8 @@ from datetime import datetime
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
-from connectors.sources.scope import OutsideExport
-from connectors.sources.whatsapp_export import MAX_INLINE_BYTES, ChatExport
+from connectors.sources.scope import OutsideExport, UnreadableEntry
+from connectors.sources.whatsapp_export import MAX_INLINE_BYTES, MAX_LINE_BYTES, ChatExport
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 SYSTEM_SENDER = Sender(id="system", name="WhatsApp")
@@ -113,6 +113,13 @@ def guess_mimetype(filename: str) -> str | None:
 
 
 
+# How far into a file the layout is looked for.
+_LAYOUT_LINES = 200
+
+# One message, header and continuation lines (WhatsApp allows 65,536 characters).
+MAX_MESSAGE_BYTES = 256 * 1024
+
+
 @dataclass(slots=True)
 class _Pending:
     """A message whose header was read; continuation lines are still coming."""
@@ -123,6 +130,8 @@ class _Pending:
     name: str | None
     lines: list[str]
     system_hint: bool  # iOS marks generated text with a leading U+200E
+    size: int = 0  # bytes of continuation lines so far
+    oversize: bool = False  # a line over the cap, or the message over MAX_MESSAGE_BYTES
 
 
 class WhatsAppSource(Source):
@@ -157,29 +166,36 @@ class WhatsAppSource(Source):
             raise SourceError(f"option tz: unknown time zone {tz!r} (use an IANA name)") from None
 
     def _layout(self, export: ChatExport) -> str:
-        """Android or iOS, decided by the first non-empty line."""
+        """Android or iOS, decided by the first line that is a message header.
+
+        A file may start mid-message or with a notice without a date, so the
+        first few lines are looked at, not only the first.
+        """
+        first: tuple[int, str] | None = None
         with export.lines() as lines:
-            for number, raw in enumerate(lines, start=1):
-                try:
-                    text = _clean(raw.decode("utf-8")).rstrip("\r\n")
-                except UnicodeDecodeError:
-                    continue
+            for number, raw in lines:
+                if raw is None or number > _LAYOUT_LINES:
+                    break
+                text = _clean(raw.decode("utf-8", "replace")).rstrip("\r\n")
                 if not text.strip():
                     continue
                 for layout, regex in LAYOUTS.items():
                     if regex.match(text):
                         return layout
-                raise SourceError(
-                    f"{export.chat_name}:{number}: unknown date layout: {text[:80]!r}"
-                )
-        raise SourceError(f"{export.chat_name}: no messages in the export")
+                first = first or (number, text)
+        if first is None:
+            raise SourceError(f"{export.chat_name}: no messages")
+        number, text = first
+        raise SourceError(f"{export.chat_name}:{number}: unknown date layout: {text[:80]!r}")
 
     def _infer_order(self, export: ChatExport, layout: str) -> bool:
         """True for day-first. A first pass over headers only, so memory stays flat."""
         regex = LAYOUTS[layout]
         day_first_at = month_first_at = None
         with export.lines() as lines:
-            for number, raw in enumerate(lines, start=1):
+            for number, raw in lines:
+                if raw is None:
+                    continue
                 m = regex.match(_clean(raw.decode("utf-8", "replace")))
                 if not m or len(m.group("d1")) > 2:
                     continue
@@ -209,6 +225,9 @@ class WhatsAppSource(Source):
         state = {"raw_ts": None, "repeats": {}, "seq": 0}
 
         def flush(p: _Pending) -> Iterator[SourceItem]:
+            if p.oversize:
+                yield Rejected(p.where, f"message over {MAX_MESSAGE_BYTES} bytes: not imported")
+                return
             if state["raw_ts"] != p.raw_ts:
                 state.update(raw_ts=p.raw_ts, repeats={}, seq=0)
             body = "\n".join(p.lines).rstrip()
@@ -235,24 +254,51 @@ class WhatsAppSource(Source):
             )
 
         pending: _Pending | None = None
+        # Where the last rejected header was: its continuation lines are
+        # rejected with it, never glued onto the message before (someone else's).
+        orphan_of: str | None = None
         with export.lines() as lines:
-            for number, raw in enumerate(lines, start=1):
+            for number, raw in lines:
                 where = f"{export.chat_name}:{number}"
+                if raw is None:
+                    # No real message line is this long (WhatsApp caps a message
+                    # at 65,536 characters): damage, so it ends the message before.
+                    if pending is not None:
+                        yield from flush(pending)
+                    pending, orphan_of = None, where
+                    yield Rejected(where, f"line over {MAX_LINE_BYTES} bytes: not read")
+                    continue
                 try:
                     decoded = raw.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield Rejected(where, "invalid UTF-8", raw.decode("utf-8", "replace"))
+                    replaced = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    if regex.match(_clean(replaced)) is not None and pending is not None:
+                        yield from flush(pending)  # a header: what follows is its text
+                        pending, orphan_of = None, where
+                    yield Rejected(where, "invalid UTF-8", replaced)
                     continue
                 decoded = decoded.rstrip("\r\n")
                 text = _clean(decoded)
                 m = regex.match(text)
                 if m is None:
-                    if pending is not None:
+                    if pending is not None and not pending.oversize:
+                        pending.size += len(raw)
+                        pending.oversize = pending.size > MAX_MESSAGE_BYTES
                         pending.lines.append(text)
+                    elif pending is None and text.strip():
+                        reason = (
+                            f"continues the rejected message at line {orphan_of.rsplit(':', 1)[1]}"
+                            if orphan_of
+                            else "text before the first message header"
+                        )
+                        yield Rejected(where, reason, decoded)
                     continue
                 try:
                     raw_ts = self._timestamp(m, day_first, zone)
                 except ValueError as exc:
+                    if pending is not None:
+                        yield from flush(pending)
+                    pending, orphan_of = None, where
                     yield Rejected(where, f"invalid date or time: {exc}", decoded)
                     continue
                 if pending is not None:
@@ -333,7 +379,7 @@ class WhatsAppSource(Source):
     def _media(self, export: ChatExport, filename: str, caption: str) -> Content:
         try:
             found = export.media(filename)
-        except OutsideExport as exc:
+        except (OutsideExport, UnreadableEntry) as exc:
             self.stats["media_refused"] = self.stats.get("media_refused", 0) + 1
             return Content(kind="notice", body=f"{filename} (not imported: {exc})")
         if found is None:

@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import re
 import zipfile
-import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO
 
-from connectors.source import SourceError
-from connectors.sources.scope import ExportFolder, read_bounded
+from connectors.source import SourceError, read_lines
+from connectors.sources.scope import (
+    ZIP_DAMAGE,
+    ExportFolder,
+    UnreadableEntry,
+    check_entry,
+    read_bounded,
+)
 
 # Inline media up to this size; bigger files would not fit a Kafka record.
 MAX_INLINE_BYTES = 512 * 1024
+# WhatsApp caps a message at 65,536 characters (up to 4 bytes each): a longer
+# line is not a real message, and reading it whole could cost any amount.
+MAX_LINE_BYTES = 256 * 1024
 
 _TITLE = re.compile(r"^WhatsApp Chat (?:with|-|\u2013) (?P<name>.+?)(?: \(\d+\))?$")
 
@@ -93,33 +101,35 @@ class ChatExport:
         return self.path.stem if stem == "_chat" else stem
 
     @contextmanager
-    def lines(self) -> Iterator[Iterator[bytes]]:
-        """The chat text as raw lines, streamed; zip damage becomes one SourceError."""
+    def lines(self) -> Iterator[Iterator[tuple[int, bytes | None]]]:
+        """(line number, raw line or None when over MAX_LINE_BYTES), streamed.
+
+        Zip damage becomes one SourceError; memory stays bounded by the line cap.
+        """
         handle: IO[bytes]
         try:
-            handle = self.zip.open(self.chat_name) if self.zip else self.path.open("rb")
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+            if self.zip is not None:
+                handle = self.zip.open(check_entry(self.zip.getinfo(self.chat_name)))
+            else:
+                handle = self.path.open("rb")
+        except (UnreadableEntry, *ZIP_DAMAGE) as exc:
             raise SourceError(f"{self.path.name}: cannot read {self.chat_name}: {exc}") from None
         if self.zip is None:
             self.track(handle, self.path.stat().st_size)
         with handle:
             yield self._guarded(handle)
 
-    def _guarded(self, handle: IO[bytes]) -> Iterator[bytes]:
-        it = iter(handle)
-        while True:
-            try:
-                line = next(it)
-            except StopIteration:
-                return
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
-                raise SourceError(f"{self.path.name}: damaged archive ({exc})") from None
-            yield line
+    def _guarded(self, handle: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+        try:
+            yield from read_lines(handle, MAX_LINE_BYTES)
+        except ZIP_DAMAGE as exc:
+            raise SourceError(f"{self.path.name}: damaged archive ({exc})") from None
 
     def media(self, name: str) -> tuple[int, bytes | None] | None:
         """(size, bytes or None when too large), or None when the file is not in the export.
 
-        Raises OutsideExport when ``name`` leads outside the export's folder.
+        Raises OutsideExport when ``name`` leads outside the export's folder,
+        UnreadableEntry for a zip entry that cannot be read.
         """
         if not safe_member_name(name) or "/" in name or "\\" in name:
             return None
@@ -130,8 +140,8 @@ class ChatExport:
             if info.file_size > MAX_INLINE_BYTES:
                 return info.file_size, None
             try:
-                return info.file_size, self.zip.read(info)
-            except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+                return info.file_size, self.zip.read(check_entry(info))
+            except ZIP_DAMAGE as exc:
                 raise SourceError(
                     f"{self.path.name}: damaged archive entry {name}: {exc}"
                 ) from None

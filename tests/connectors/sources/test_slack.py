@@ -188,7 +188,85 @@ def test_bad_day_file_is_rejected(tmp_path: Path) -> None:
     records, rejected, _ = read(archive)
     assert [r.where for r in rejected] == ["c/2024-01-01.json", "c/2024-01-02.json"]
     assert "invalid JSON" in rejected[0].reason
+    assert rejected[1].reason == "day file not a JSON array"
     assert [r.content.body for r in records if isinstance(r, NetworkMessage)] == ["ok"]
+
+
+def _bomb(path: Path, day_file: bytes) -> Path:
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("users.json", "[]")
+        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
+        zf.writestr("c/2024-01-02.json", day_file)
+        zf.writestr("c/2024-01-03.json", '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]')
+    return path
+
+
+def test_day_file_bomb_is_read_as_a_stream_up_to_its_cap(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 40 MB day file in a small zip: parsed entry by entry, cut at the cap, memory flat."""
+    import tracemalloc
+
+    import connectors.sources.slack as slack
+
+    message = b'{"user": "U1", "text": "' + b"x" * 1000 + b'", "ts": "1704153600.0"},'
+    archive = _bomb(tmp_path / "bomb.zip", b"[" + message * 40_000 + b"{}]")
+    assert archive.stat().st_size < 1_000_000
+    monkeypatch.setattr(slack, "MAX_DAY_FILE_BYTES", 4 * 1024 * 1024)
+    tracemalloc.start()
+    try:
+        records, rejected, _ = read(archive)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    cut = [r for r in rejected if r.where == "c/2024-01-02.json"]
+    assert len(cut) == 1 and "larger than 4194304 bytes" in cut[0].reason
+    bodies = [m.content.body for m in messages(records)]
+    assert bodies[-1] == "ok"  # the next day file is still read
+    # What was read before the cut is imported: about 4 MB of 1 KB messages.
+    assert 3_000 < len(bodies) < 4_200
+    assert peak < 64 * 1024 * 1024, peak  # records kept by the collector, not the file
+
+
+def test_endless_string_in_a_day_file_is_cut_not_buffered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tracemalloc
+
+    import connectors.sources.slack as slack
+
+    archive = _bomb(tmp_path / "bomb.zip", b'[{"text": "' + b"a" * 50_000_000)
+    monkeypatch.setattr(slack, "MAX_DAY_FILE_BYTES", 1024 * 1024)
+    tracemalloc.start()
+    try:
+        records, rejected, _ = read(archive)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert [r.where for r in rejected] == ["c/2024-01-02.json"]
+    assert "larger than 1048576 bytes" in rejected[0].reason
+    assert [m.content.body for m in messages(records)] == ["ok"]
+    assert peak < 16 * 1024 * 1024, peak
+
+
+@pytest.mark.parametrize(
+    "offset, value, reason",
+    [(8, 0x1, "encrypted zip entry"), (10, 9, "compression method 9")],  # 9: Deflate64
+)
+def test_unreadable_zip_entries_are_rejected_by_name(
+    tmp_path: Path, offset: int, value: int, reason: str
+) -> None:
+    archive = _bomb(tmp_path / "x.zip", b"[]")
+    data = bytearray(archive.read_bytes())
+    # The central directory record of the day file: its name starts 46 bytes in.
+    record = data.rindex(b"c/2024-01-02.json") - 46
+    assert data[record : record + 4] == b"PK\x01\x02"
+    data[record + offset] |= value
+    archive.write_bytes(bytes(data))
+    records, rejected, _ = read(archive)
+    assert [r.where for r in rejected] == ["c/2024-01-02.json"]
+    assert reason in rejected[0].reason
+    assert [m.content.body for m in messages(records)] == ["ok"]
 
 
 def test_damaged_or_foreign_input(export_zip: Path, tmp_path: Path) -> None:
@@ -266,7 +344,8 @@ def test_day_file_nested_too_deep_is_rejected_not_a_crash(tmp_path: Path) -> Non
         zf.writestr("c/2024-01-02.json", "[" * 200_000 + "]" * 200_000)
         zf.writestr("c/2024-01-03.json", '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]')
     records, rejected, _ = read(archive)
-    assert [r.where for r in rejected] == ["c/2024-01-02.json"]
+    assert [r.where for r in rejected] == ["c/2024-01-02.json[0]"]
+    assert "deeper than 32 levels" in rejected[0].reason
     assert [m.content.body for m in messages(records)] == ["ok"]
 
 

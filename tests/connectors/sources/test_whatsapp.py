@@ -15,6 +15,8 @@ from connectors.conformance import messages, run
 from connectors.source import Rejected, SourceError
 from connectors.sources.whatsapp import (
     MAX_INLINE_BYTES,
+    MAX_LINE_BYTES,
+    MAX_MESSAGE_BYTES,
     SYSTEM_SENDER,
     WhatsAppSource,
     portal_id,
@@ -137,9 +139,20 @@ def test_conflicting_dates_name_the_file() -> None:
     assert [r.where for r in rejected] == ["conflicting.txt:2"]
 
 
-def test_unknown_layout_names_file_and_line() -> None:
-    with pytest.raises(SourceError, match=r"not_an_export\.txt:1: unknown date layout"):
-        read(SAMPLES / "not_an_export.txt")
+def test_unknown_layout_names_file_and_line(tmp_path: Path) -> None:
+    path = tmp_path / "list.txt"
+    header = "01/02/2024, 10:00 - A: hi\n"  # too far in to decide the layout
+    path.write_text("\nHello, this is a shopping list\n" + "eggs\n" * 300 + header)
+    with pytest.raises(SourceError, match=r"list\.txt:2: unknown date layout: 'Hello, this"):
+        read(path)
+
+
+def test_a_first_line_that_is_not_a_message_does_not_decide_the_layout() -> None:
+    records, rejected, _ = read(SAMPLES / "not_an_export.txt")
+    assert [m.content.body for m in messages(records)] == ["hi"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("not_an_export.txt:1", "text before the first message header")
+    ]
 
 
 def test_bad_options() -> None:
@@ -256,3 +269,125 @@ def test_timestamps_are_utc_ms() -> None:
     assert first.ts == int(datetime(2024, 2, 1, 15, tzinfo=UTC).timestamp() * 1000)
     assert first.sender == ALICE
     assert messages(records)[1].sender == BOB
+
+
+def _traced_read(path: Path) -> tuple[list, list[Rejected], int]:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        records, rejected, _ = read(path)
+        return records, rejected, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_endless_line_in_a_zip_is_rejected_with_memory_bounded(tmp_path: Path) -> None:
+    """A small zip holding one 60 MB line (a decompression bomb): one rejection, flat memory."""
+    archive = tmp_path / "WhatsApp Chat with Alice.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr(
+            "WhatsApp Chat with Alice.txt",
+            b"01/02/2024, 10:00 - Alice: before\n"
+            + b"01/02/2024, 10:01 - Bob: " + b"x" * 60_000_000 + b"\n"
+            + b"01/02/2024, 10:02 - Alice: after\n",
+        )
+    assert archive.stat().st_size < 1_000_000
+    records, rejected, peak = _traced_read(archive)
+    assert [m.content.body for m in messages(records)] == ["before", "after"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("WhatsApp Chat with Alice.txt:2", f"line over {MAX_LINE_BYTES} bytes: not read")
+    ]
+    assert peak < 8 * MAX_LINE_BYTES, peak
+
+
+def test_endless_continuation_ends_the_message_not_the_import(tmp_path: Path) -> None:
+    path = tmp_path / "chat.txt"
+    with path.open("wb") as f:
+        f.write(b"01/02/2024, 10:00 - Alice: start\n")
+        f.write((b"y" * 99 + b"\n") * 200_000)  # 20 MB of continuation lines
+        f.write(b"01/02/2024, 10:02 - Bob: next\n")
+    records, rejected, peak = _traced_read(path)
+    assert [m.content.body for m in messages(records)] == ["next"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("chat.txt:1", f"message over {MAX_MESSAGE_BYTES} bytes: not imported")
+    ]
+    assert peak < 4 * MAX_MESSAGE_BYTES, peak
+
+
+def test_rejected_header_ends_the_message_before_it(tmp_path: Path) -> None:
+    """Lines after a header that was refused are never glued onto someone else's message."""
+    path = tmp_path / "chat.txt"
+    path.write_bytes(
+        b"01/02/2024, 10:00 - Alice: mine\n"
+        b"01/02/2024, 25:61 - Bob: his, with a bad time\n"
+        b"and his second line\n"
+        b"01/02/2024, 10:02 - Alice: mine again\n"
+    )
+    records, rejected, _ = read(path)
+    assert summary(records) == [
+        ("Alice", ms(2024, 2, 1, 10, 0), "text", "mine"),
+        ("Alice", ms(2024, 2, 1, 10, 2), "text", "mine again"),
+    ]
+    assert [(r.where, r.reason.split(":")[0]) for r in rejected] == [
+        ("chat.txt:2", "invalid date or time"),
+        ("chat.txt:3", "continues the rejected message at line 2"),
+    ]
+
+
+def test_undecodable_header_ends_the_message_before_it(tmp_path: Path) -> None:
+    path = tmp_path / "chat.txt"
+    path.write_bytes(
+        b"01/02/2024, 10:00 - Alice: mine\n"
+        b"01/02/2024, 10:01 - Bob: \xff\n"
+        b"his second line\n"
+    )
+    records, rejected, _ = read(path)
+    assert [m.content.body for m in messages(records)] == ["mine"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("chat.txt:2", "invalid UTF-8"),
+        ("chat.txt:3", "continues the rejected message at line 2"),
+    ]
+
+
+def test_text_before_the_first_header_is_rejected_not_dropped(tmp_path: Path) -> None:
+    path = tmp_path / "chat.txt"
+    path.write_bytes(b"...the end of an earlier message\n\n01/02/2024, 10:00 - Alice: hi\n")
+    records, rejected, _ = read(path)
+    assert [m.content.body for m in messages(records)] == ["hi"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("chat.txt:1", "text before the first message header")
+    ]
+
+
+def _flag_central_entry(archive: Path, name: str, offset: int, value: int) -> None:
+    data = bytearray(archive.read_bytes())
+    record = data.rindex(name.encode()) - 46  # the central directory record of ``name``
+    assert data[record : record + 4] == b"PK\x01\x02"
+    data[record + offset] |= value
+    archive.write_bytes(bytes(data))
+
+
+def test_encrypted_media_entry_becomes_a_notice(tmp_path: Path) -> None:
+    archive = tmp_path / "WhatsApp Chat with Alice.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(
+            "WhatsApp Chat with Alice.txt",
+            "01/02/2024, 10:00 - Alice: IMG-1.jpg (file attached)\n",
+        )
+        zf.writestr("IMG-1.jpg", b"\xff\xd8\xff" + b"\0" * 100)
+    _flag_central_entry(archive, "IMG-1.jpg", 8, 0x1)
+    records, rejected, source = read(archive)
+    (msg,) = messages(records)
+    assert msg.content.kind == "notice"
+    assert "encrypted zip entry" in msg.content.body
+    assert source.stats["media_refused"] == 1
+
+
+def test_chat_text_in_an_unreadable_entry_is_a_source_error(tmp_path: Path) -> None:
+    archive = tmp_path / "WhatsApp Chat with Alice.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("WhatsApp Chat with Alice.txt", "01/02/2024, 10:00 - Alice: hi\n")
+    _flag_central_entry(archive, "WhatsApp Chat with Alice.txt", 10, 9)  # Deflate64
+    with pytest.raises(SourceError, match="compression method 9"):
+        read(archive)
