@@ -59,10 +59,18 @@ class Source:
         self.options = dict(options or {})
         # Filled by read() for the final summary: e.g. {"media": 3}.
         self.stats: dict[str, int] = {}
+        # Filled by read(): what the operator should know but is not an error,
+        # e.g. "the date order is a guess; pass -o date_order=…". Shown once each.
+        self.warnings: list[str] = []
         self._tracked: tuple[IO[bytes], int] | None = None
 
     def read(self) -> Iterator[SourceItem]:
         raise NotImplementedError
+
+    def warn(self, message: str) -> None:
+        """Tell the operator something about the whole input (one line, named option)."""
+        if message not in self.warnings:
+            self.warnings.append(message)
 
     def track(self, handle: IO[bytes], total: int) -> None:
         """Let the progress bar follow ``handle``'s read position out of ``total`` bytes.

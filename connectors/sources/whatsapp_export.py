@@ -13,6 +13,7 @@ import re
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO
 
@@ -92,13 +93,36 @@ class ChatExport:
             )
         self.chat_name = picked[0]
 
-    def _title(self) -> str:
-        for candidate in (PurePosixPath(self.chat_name).stem, self.path.stem):
+    def _title(self) -> str | None:
+        """The chat's title from the names WhatsApp gives an export, if one has it.
+
+        "WhatsApp Chat with Alice.txt", "WhatsApp Chat - Family.zip", or the
+        folder an iOS ``_chat.txt`` was unzipped into.
+        """
+        chat = PurePosixPath(self.chat_name)
+        candidates = [chat.stem, *(p.name for p in chat.parents if p.name), self.path.stem]
+        if self.zip is None:
+            candidates.append(self.path.parent.name)
+        for candidate in candidates:
             m = _TITLE.match(candidate)
             if m:
                 return m.group("name")
-        stem = PurePosixPath(self.chat_name).stem
-        return self.path.stem if stem == "_chat" else stem
+        stem = chat.stem
+        return None if stem == "_chat" else stem
+
+    @property
+    def fallback_name(self) -> str:
+        """A stand-in for a title: the zip's name or the folder a ``_chat.txt`` is in."""
+        if self.zip is not None:
+            return self.path.stem
+        return self.path.parent.name or self.path.stem
+
+    def written(self) -> date:
+        """When the export was made: the chat file's date in the zip, else its mtime."""
+        if self.zip is not None:
+            y, m, d = self.zip.getinfo(self.chat_name).date_time[:3]
+            return date(y, m, d)
+        return datetime.fromtimestamp(self.path.stat().st_mtime).date()
 
     @contextmanager
     def lines(self) -> Iterator[Iterator[tuple[int, bytes | None]]]:
