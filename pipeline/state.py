@@ -25,8 +25,9 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from pipeline import batch as batch_mod
-from pipeline import policy
-from pipeline.batch import Incoming, Portal
+from pipeline import portal as portal_mod
+from pipeline.batch import Incoming
+from pipeline.portal import ALL_PRODUCED, ROOM_REQUESTED, Held, Portal, PortalState
 from topics.codec import MAX_RECORD_BYTES, decode, encode
 from topics.records import (
     CreateRoom,
@@ -52,7 +53,7 @@ CREATE TABLE IF NOT EXISTS pipeline_portal (
     network text NOT NULL,
     portal text NOT NULL,
     partition int,
-    state text NOT NULL DEFAULT 'held',
+    state text NOT NULL,
     info bytea,
     sync text,
     history_complete boolean NOT NULL DEFAULT false,
@@ -82,7 +83,7 @@ CREATE TABLE IF NOT EXISTS pipeline_portal (
 );
 CREATE INDEX IF NOT EXISTS pipeline_portal_sync ON pipeline_portal (network, sync);
 CREATE INDEX IF NOT EXISTS pipeline_portal_backfilling ON pipeline_portal (partition)
-    WHERE state = 'backfilling';
+    WHERE state = '{backfilling}';
 CREATE INDEX IF NOT EXISTS pipeline_portal_create_pending ON pipeline_portal (partition)
     WHERE room_requested AND NOT create_room_produced;
 CREATE INDEX IF NOT EXISTS pipeline_portal_outbox ON pipeline_portal (partition)
@@ -143,12 +144,13 @@ CREATE TABLE IF NOT EXISTS pipeline_command_offset (
 """
 
 # The held rows of several portals: per portal (key, its watermarks, upto),
-# the rows above the watermarks up to ``upto``, plus its holdback rows, in
-# policy.Held's field order. LATERAL with OFFSET 0: always an index range scan
+# the rows above the watermarks up to ``upto``, plus its holdback rows; the
+# columns are named as Held's fields. LATERAL with OFFSET 0: always an index range scan
 # per portal, never a hash join over the whole table (the tables are seldom
 # analyzed, so the planner's estimates cannot be trusted).
 HELD_ROWS = """
-SELECT u.key, m.msg_id, m.part, m.ts, m.ord, m.live, m.kind, m.target, m.arrival
+SELECT u.key AS portal_key, m.msg_id AS id, m.part, m.ts, m.ord, m.live, m.kind,
+       m.target, m.arrival
 FROM unnest($1::text[], $2::bigint[], $3::bigint[], $4::bigint[]) AS u(key, hist, live, upto)
 CROSS JOIN LATERAL (
     SELECT * FROM pipeline_message m
@@ -165,16 +167,17 @@ WHERE h.portal_key = ANY($1::text[])
 """
 
 # What became of some message ids: per (portal key, message id, the portal's
-# watermarks) the status of each part: 'held', 'released', or the drop reason.
+# watermarks) the status of each part: $5 (portal.STATUS_HELD), the drop
+# reason, or $6 (portal.STATUS_RELEASED).
 ID_STATUS = """
 SELECT u.key, u.msg_id,
        CASE WHEN m.arrival > CASE WHEN m.live THEN u.live ELSE u.hist END
               OR (SELECT 1 FROM pipeline_holdback h
                   WHERE h.portal_key = u.key AND h.arrival = m.arrival) IS NOT NULL
-            THEN 'held'
+            THEN $5::text
             ELSE coalesce((SELECT d.reason FROM pipeline_dropped d
                            WHERE d.portal_key = u.key AND d.arrival = m.arrival),
-                          'released')
+                          $6::text)
        END AS status
 FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[]) AS u(key, msg_id, hist, live)
 CROSS JOIN LATERAL (
@@ -184,6 +187,26 @@ CROSS JOIN LATERAL (
 
 # Released rows of one release are stored in chunks of this many (one row each).
 RELEASE_CHUNK = 1000
+
+# One round's decisions. Each part is a no-op on empty arrays. A portal is
+# either released (unhold) or forwarded (holdback) in one round, never both.
+WRITE_DECISIONS = """
+WITH released AS (
+    INSERT INTO pipeline_release (portal_key, first_seq, last_seq, arrivals)
+    SELECT c.key, c.first_seq, c.first_seq + c.n - 1,
+           ($5::bigint[])[c.start : c.start + c.n - 1]
+    FROM unnest($1::text[], $2::bigint[], $3::int[], $4::int[])
+         AS c(key, first_seq, start, n)
+), dropped AS (
+    INSERT INTO pipeline_dropped (portal_key, arrival, reason)
+    SELECT * FROM unnest($6::text[], $7::bigint[], $8::text[])
+    ON CONFLICT DO NOTHING
+), unheld AS (
+    DELETE FROM pipeline_holdback WHERE portal_key = ANY($9::text[])
+)
+INSERT INTO pipeline_holdback (portal_key, arrival)
+SELECT * FROM unnest($10::text[], $11::bigint[]) ON CONFLICT DO NOTHING
+"""
 
 async def init_schema(pool: asyncpg.Pool) -> None:
     async with pool.acquire() as conn:
@@ -204,7 +227,7 @@ async def init_schema(pool: asyncpg.Pool) -> None:
                         "database.url at a new database (or drop the pipeline_* tables "
                         "and replay the topics)"
                     )
-            await conn.execute(SCHEMA)
+            await conn.execute(SCHEMA.replace("{backfilling}", PortalState.BACKFILLING.value))
             await conn.execute(
                 "INSERT INTO pipeline_meta (key, value) VALUES ('schema_version', $1) "
                 "ON CONFLICT (key) DO NOTHING",
@@ -292,14 +315,15 @@ class Store:
         keys = sorted(seen)
         await conn.execute(
             """
-            INSERT INTO pipeline_portal (key, network, portal, partition)
-            SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[])
+            INSERT INTO pipeline_portal (key, network, portal, partition, state)
+            SELECT *, $5 FROM unnest($1::text[], $2::text[], $3::text[], $4::int[])
             ON CONFLICT (key) DO NOTHING
             """,
             keys,
             [seen[k][0] for k in keys],
             [seen[k][1] for k in keys],
             [seen[k][2] for k in keys],
+            PortalState.HELD.value,
         )
         # Row locks in key order: a portal's events seen on an unexpected
         # partition (another worker) serialise here instead of racing on seq.
@@ -311,7 +335,7 @@ class Store:
             """,
             keys,
         )
-        return {r["key"]: Portal(*r) for r in rows}
+        return {r["key"]: Portal(**dict(r)) for r in rows}
 
     async def _insert_messages(
         self, conn: asyncpg.Connection, walked: batch_mod.Walked
@@ -354,18 +378,18 @@ class Store:
     async def _decide(
         self,
         conn: asyncpg.Connection,
-        step: list[tuple[Portal, batch_mod.Release | batch_mod.Forward]],
+        step: list[tuple[Portal, portal_mod.Release | portal_mod.Forward]],
         inserted_live: set[tuple[str, int]],
     ) -> None:
-        """Plan one round of releases and forwards (one per portal) and record the plans."""
-        releases = [(p, a) for p, a in step if isinstance(a, batch_mod.Release)]
+        """Read what one round (an action per portal) needs, plan it (pure), persist it."""
+        releases = [(p, a) for p, a in step if isinstance(a, portal_mod.Release)]
         forwards = []
         for p, a in step:
-            if isinstance(a, batch_mod.Forward):
+            if isinstance(a, portal_mod.Forward):
                 a.msgs = [m for m in a.msgs if (p.key, m.arrival) in inserted_live]
                 if a.msgs:
                     forwards.append((p, a))
-        held: dict[str, list[policy.Held]] = {}
+        held: dict[str, list[Held]] = {}
         if releases:
             rows = await conn.fetch(
                 HELD_ROWS,
@@ -375,61 +399,27 @@ class Store:
                 [a.upto for _, a in releases],
             )
             for r in rows:
-                held.setdefault(r[0], []).append(policy.Held(*r[1:]))
-        # Which earlier messages the plans need to know about: dependents'
-        # targets, and (catch-up) those at the last bridged timestamp.
-        lookup: list[tuple[str, str, int, int]] = []
-        last_ts: dict[str, int | None] = {}
-        for p, a in releases:
-            ts = p.last_bridged_ts if a.portal_ts else a.last_ts
-            last_ts[p.key] = ts
-            ids = {m.target for m in held.get(p.key, ()) if m.dependent}
-            if ts is not None:
-                ids |= {m.id for m in held.get(p.key, ()) if m.ts == ts}
-            lookup += [(p.key, i, a.history_decided, a.live_decided) for i in ids if i]
-        for p, a in forwards:
-            ids = {m.target for m in a.msgs if m.dependent}
-            lookup += [(p.key, i, a.history_decided, a.live_decided) for i in ids if i]
+                held.setdefault(r["portal_key"], []).append(
+                    Held(
+                        id=r["id"],
+                        part=r["part"],
+                        ts=r["ts"],
+                        ord=r["ord"],
+                        live=r["live"],
+                        kind=r["kind"],
+                        target=r["target"],
+                        arrival=r["arrival"],
+                    )
+                )
+        lookup = portal_mod.lookups(releases, forwards, held)
         status: dict[tuple[str, str], set[str]] = {}
         if lookup:
-            for r in await conn.fetch(ID_STATUS, *map(list, zip(*lookup, strict=True))):
+            columns = map(list, zip(*lookup, strict=True))
+            statuses = (portal_mod.STATUS_HELD, portal_mod.STATUS_RELEASED)
+            for r in await conn.fetch(ID_STATUS, *columns, *statuses):
                 status.setdefault((r["key"], r["msg_id"]), set()).add(r["status"])
-        in_room = ("released", policy.BEFORE_LAST_BRIDGED)
-
-        def known(key: str, wanted: tuple[str, ...]) -> set[str]:
-            return {i for (k, i), st in status.items() if k == key and st & set(wanted)}
-
-        decisions = _Decisions()
-        for p, a in releases:
-            bridged = known(p.key, in_room)
-            if p.last_bridged_id is not None and a.catch_up:
-                bridged.add(p.last_bridged_id)
-            plan = policy.plan_release(
-                held.get(p.key, ()),
-                cap=policy.effective_cap(
-                    catch_up=a.catch_up,
-                    max_initial=self.backfill.max_initial_messages,
-                    max_catchup=self.backfill.max_catchup_messages,
-                ),
-                last_bridged_ts=last_ts[p.key],
-                bridged=bridged,
-                backfill_enabled=self.backfill.enabled,
-            )
-            decisions.add(p, plan.release, plan.dropped, unhold=True)
-        for p, a in forwards:
-            sent, waiting = known(p.key, in_room), known(p.key, ("held",))
-            release, dropped, holdback = [], [], []
-            for m in a.msgs:
-                decision = policy.live_decision(m, sent=sent, held=waiting)
-                if decision is None:
-                    release.append(m)
-                    sent.add(m.id)
-                elif decision == "hold":
-                    holdback.append(m)
-                else:
-                    dropped.append((m, decision))
-            decisions.add(p, release, dropped, holdback=holdback)
-        await decisions.write(conn)
+        decisions = portal_mod.plan_round(releases, forwards, held, status, self.backfill)
+        await _write_decisions(conn, decisions)
 
     async def _write_portals(self, conn: asyncpg.Connection, portals: Iterable[Portal]) -> None:
         """Write back what the batch did to its portals (they are locked)."""
@@ -524,14 +514,16 @@ class Store:
             )
             if not claimed:
                 return []
-            chosen = policy.rank_portals([(r["key"], r["newest_ts"]) for r in rows], n)
+            chosen = portal_mod.rank_portals([(r["key"], r["newest_ts"]) for r in rows], n)
             await conn.execute(
                 """
                 UPDATE pipeline_portal SET room_requested = true, updated_at = now(),
-                       state = CASE WHEN state = 'held' THEN 'waiting_for_room' ELSE state END
+                       state = CASE WHEN state = $2 THEN $3 ELSE state END
                 WHERE key = ANY($1::text[]) AND NOT room_requested
                 """,
                 chosen,
+                ROOM_REQUESTED.source.value,
+                ROOM_REQUESTED.target.value,
             )
             return chosen
 
@@ -678,11 +670,12 @@ class Store:
                     """
                     UPDATE pipeline_portal SET create_room_produced = true,
                            room_requested = true,
-                           state = CASE WHEN state = 'held' THEN 'waiting_for_room'
-                                        ELSE state END
+                           state = CASE WHEN state = $2 THEN $3 ELSE state END
                     WHERE key = ANY($1::text[])
                     """,
                     list(rooms),
+                    ROOM_REQUESTED.source.value,
+                    ROOM_REQUESTED.target.value,
                 )
             if sends:
                 # Lock in key order, like apply does, so the two never deadlock.
@@ -695,7 +688,7 @@ class Store:
                 )
                 keys, dones, extras = [], [], []
                 for r in rows:
-                    done, extra = policy.advance_produced(
+                    done, extra = portal_mod.advance_produced(
                         r["produced_seq"], r["produced_extra"], sends[r["key"]]
                     )
                     keys.append(r["key"])
@@ -705,10 +698,10 @@ class Store:
                     """
                     UPDATE pipeline_portal p SET produced_seq = u.done,
                            produced_extra = string_to_array(u.extra, ',')::bigint[],
-                           state = CASE WHEN p.state = 'backfilling'
+                           state = CASE WHEN p.state = $4
                                          AND p.next_seq <= u.done + 1 + cardinality(
                                              string_to_array(u.extra, ','))
-                                        THEN 'live' ELSE p.state END,
+                                        THEN $5 ELSE p.state END,
                            updated_at = now()
                     FROM unnest($1::text[], $2::bigint[], $3::text[]) AS u(key, done, extra)
                     WHERE p.key = u.key
@@ -716,6 +709,8 @@ class Store:
                     keys,
                     dones,
                     extras,
+                    ALL_PRODUCED.source.value,
+                    ALL_PRODUCED.target.value,
                 )
             if offsets:
                 await conn.execute(
@@ -735,94 +730,62 @@ class Store:
         async with self.pool.acquire() as conn:
             await conn.execute(
                 """
-                UPDATE pipeline_portal SET state = 'live', updated_at = now()
-                WHERE state = 'backfilling' AND partition = ANY($1::int[])
+                UPDATE pipeline_portal SET state = $3, updated_at = now()
+                WHERE state = $2 AND partition = ANY($1::int[])
                   AND next_seq <= produced_seq + 1 + cardinality(produced_extra)
                 """,
                 list(partitions),
+                ALL_PRODUCED.source.value,
+                ALL_PRODUCED.target.value,
             )
 
 
-class _Decisions:
-    """The decisions of one round, for many portals, written in one statement."""
+async def _write_decisions(
+    conn: asyncpg.Connection, decisions: Sequence[portal_mod.Decision]
+) -> None:
+    """Persist one round's decisions, for many portals, in one statement.
 
-    def __init__(self) -> None:
-        self.chunk_keys: list[str] = []
-        self.chunk_first: list[int] = []
-        self.chunk_start: list[int] = []  # 1-based, into arrivals
-        self.chunk_len: list[int] = []
-        self.arrivals: list[int] = []
-        self.dropped: tuple[list[str], list[int], list[str]] = ([], [], [])
-        self.holdback: tuple[list[str], list[int]] = ([], [])
-        self.unhold: list[str] = []
-
-    def add(
-        self,
-        portal: Portal,
-        release: Sequence[policy.Held],
-        dropped: Sequence[tuple[policy.Held, str]],
-        *,
-        holdback: Sequence[policy.Held] = (),
-        unhold: bool = False,
-    ) -> None:
-        """Give ``release`` the portal's next seqs (in order) and record the rest."""
-        for start in range(0, len(release), RELEASE_CHUNK):
-            chunk = release[start : start + RELEASE_CHUNK]
-            self.chunk_keys.append(portal.key)
-            self.chunk_first.append(portal.next_seq + start)
-            self.chunk_start.append(len(self.arrivals) + 1)
-            self.chunk_len.append(len(chunk))
-            self.arrivals += [m.arrival for m in chunk]
-        portal.next_seq += len(release)
-        newest = max(release, key=policy.release_order, default=None)
-        if newest is not None and (
-            portal.last_bridged_ts is None or newest.ts >= portal.last_bridged_ts
-        ):
-            portal.last_bridged_ts, portal.last_bridged_id = newest.ts, newest.id
-        for m, reason in dropped:
-            self.dropped[0].append(portal.key)
-            self.dropped[1].append(m.arrival)
-            self.dropped[2].append(reason)
-            portal.dropped[reason] = portal.dropped.get(reason, 0) + 1
-        for m in holdback:
-            self.holdback[0].append(portal.key)
-            self.holdback[1].append(m.arrival)
-        if unhold:
-            self.unhold.append(portal.key)  # a release decided its holdback rows too
-
-    async def write(self, conn: asyncpg.Connection) -> None:
-        if not (self.chunk_keys or self.dropped[0] or self.holdback[0] or self.unhold):
-            return
-        # Each part is a no-op on empty arrays. A portal is either released
-        # (unhold) or forwarded (holdback) in one round, never both.
-        await conn.execute(
-            """
-            WITH released AS (
-                INSERT INTO pipeline_release (portal_key, first_seq, last_seq, arrivals)
-                SELECT c.key, c.first_seq, c.first_seq + c.n - 1,
-                       ($5::bigint[])[c.start : c.start + c.n - 1]
-                FROM unnest($1::text[], $2::bigint[], $3::int[], $4::int[])
-                     AS c(key, first_seq, start, n)
-            ), dropped AS (
-                INSERT INTO pipeline_dropped (portal_key, arrival, reason)
-                SELECT * FROM unnest($6::text[], $7::bigint[], $8::text[])
-                ON CONFLICT DO NOTHING
-            ), unheld AS (
-                DELETE FROM pipeline_holdback WHERE portal_key = ANY($9::text[])
-            )
-            INSERT INTO pipeline_holdback (portal_key, arrival)
-            SELECT * FROM unnest($10::text[], $11::bigint[]) ON CONFLICT DO NOTHING
-            """,
-            self.chunk_keys,
-            self.chunk_first,
-            self.chunk_start,
-            self.chunk_len,
-            self.arrivals,
-            *self.dropped,
-            self.unhold,
-            *self.holdback,
-        )
-
+    Released rows are stored in chunks of RELEASE_CHUNK arrivals (one row each).
+    """
+    chunk_keys: list[str] = []
+    chunk_first: list[int] = []
+    chunk_start: list[int] = []  # 1-based, into arrivals
+    chunk_len: list[int] = []
+    arrivals: list[int] = []
+    dropped: tuple[list[str], list[int], list[str]] = ([], [], [])
+    holdback: tuple[list[str], list[int]] = ([], [])
+    unhold: list[str] = []
+    for d in decisions:
+        key = d.portal.key
+        for start in range(0, len(d.release), RELEASE_CHUNK):
+            chunk = d.release[start : start + RELEASE_CHUNK]
+            chunk_keys.append(key)
+            chunk_first.append(d.first_seq + start)
+            chunk_start.append(len(arrivals) + 1)
+            chunk_len.append(len(chunk))
+            arrivals += [m.arrival for m in chunk]
+        for m, reason in d.dropped:
+            dropped[0].append(key)
+            dropped[1].append(m.arrival)
+            dropped[2].append(reason)
+        for m in d.holdback:
+            holdback[0].append(key)
+            holdback[1].append(m.arrival)
+        if d.unhold:
+            unhold.append(key)
+    if not (chunk_keys or dropped[0] or holdback[0] or unhold):
+        return
+    await conn.execute(
+        WRITE_DECISIONS,
+        chunk_keys,
+        chunk_first,
+        chunk_start,
+        chunk_len,
+        arrivals,
+        *dropped,
+        unhold,
+        *holdback,
+    )
 
 
 def send_command(record: bytes, seq: int) -> bytes:

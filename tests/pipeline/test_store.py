@@ -15,7 +15,7 @@ import orjson
 import pytest
 
 from backflow.stack.postgres import create_database
-from pipeline import policy
+from pipeline import portal as policy
 from pipeline.batch import Incoming
 from pipeline.state import Store, init_schema
 from pipeline.status import status_rows
