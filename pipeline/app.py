@@ -23,7 +23,7 @@ from faust.types import Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from pipeline.processors import Runtime
+from pipeline.runtime import Runtime
 from topics import bus
 from topics.settings import Settings
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pipeline.intake import Incoming
 from pipeline.portal import (
     ROOM_STATES,
     Forward,
@@ -39,17 +40,6 @@ from topics.records import (
     SyncComplete,
 )
 from topics.settings import BackfillSettings
-
-
-@dataclass(slots=True)
-class Incoming:
-    """One decoded record with where it came from."""
-
-    record: object
-    topic: str  # "history", "live" or "events"
-    partition: int
-    offset: int
-    raw: bytes = b""  # the original bytes, for a dead letter if processing fails
 
 
 @dataclass(slots=True)
@@ -115,7 +105,7 @@ def walk(
 def _message(out: Walked, item: Incoming, m: NetworkMessage, portal: Portal) -> None:
     arrival = portal.next_arrival
     portal.next_arrival += 1  # a duplicate that is not inserted leaves a gap: harmless
-    live = item.topic == "live" or not m.history
+    live = item.kind == "live" or not m.history
     out.keys.append(portal.key)
     out.arrivals.append(arrival)
     out.lives.append(live)

@@ -9,7 +9,6 @@ import pytest
 
 from pipeline import portal as policy
 from pipeline.app import _resume
-from pipeline.batch import Incoming
 from pipeline.portal import (
     ALL_PRODUCED,
     ROOM_REQUESTED,
@@ -27,9 +26,8 @@ from pipeline.portal import (
     rank_portals,
     request_room,
 )
-from pipeline.state import send_command, stored_record
 from tests.pipeline_support import msg
-from topics.codec import MAX_RECORD_BYTES, decode, encode
+from topics.codec import MAX_RECORD_BYTES, decode, encode, send_command, stored_message
 from topics.records import Content, SendMessage
 from topics.settings import BackfillSettings
 
@@ -144,9 +142,8 @@ def test_a_stored_record_is_sent_as_published_unless_near_the_size_limit() -> No
     raw = b'{"ts": 1700000000000, "type": "message", "network": "testnet", "portal": "p", ' + (
         b'"id": "m1", "sender": {"id": "alice"}, "content": {"kind": "text", "body": "hi"}}'
     )
-    item = Incoming(decode(raw), "history", 0, 7, raw)
-    assert stored_record(item) == raw
-    assert decode(send_command(stored_record(item), 3)) == SendMessage(
+    assert stored_message(decode(raw), raw) == raw
+    assert decode(send_command(stored_message(decode(raw), raw), 3)) == SendMessage(
         message=decode(raw), seq=3
     )
     # Near the limit the SendMessage wrapper would not fit: re-encoded by the codec.
@@ -155,8 +152,7 @@ def test_a_stored_record_is_sent_as_published_unless_near_the_size_limit() -> No
     fill = MAX_RECORD_BYTES - 50 - len(encode(big)) - len(b', "unknown": ""')
     padded = encode(big)[:-1] + b', "unknown": "' + b"y" * fill + b'"}'
     assert MAX_RECORD_BYTES - 100 < len(padded) <= MAX_RECORD_BYTES
-    item = Incoming(decode(padded), "history", 0, 8, padded)
-    assert stored_record(item) == encode(big)
+    assert stored_message(decode(padded), padded) == encode(big)
 
 
 def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
