@@ -300,3 +300,22 @@ def test_plan_round_forwards_holds_back_and_drops_live_dependents() -> None:
     assert [m.id for m in d.holdback] == ["r2"]
     assert [(m.id, r) for m, r in d.dropped] == [("r3", policy.TARGET_MISSING)]
     assert p.next_seq == 5
+
+
+def test_intake_rejects_nul_in_stored_text_fields() -> None:
+    """U+0000 cannot be stored in Postgres text: refused before a batch is applied."""
+    from types import SimpleNamespace
+
+    from pipeline.intake import prepare
+
+    bad = encode(msg("p\x00x", "m", 1_700_000_000_000))
+    ok = encode(msg("p", "m", 1_700_000_000_000))
+    records = [
+        SimpleNamespace(topic="t-history", partition=2, offset=o, key=b"k", value=v)
+        for o, v in enumerate((bad, ok))
+    ]
+    prepared = prepare(records, {"t-history": "history"})
+    assert [i.offset for i in prepared.items] == [1]
+    assert prepared.items[0].source == "t-history[2]@1"
+    [letter] = prepared.letters
+    assert letter.source == "t-history[2]@0" and "U+0000" in letter.reason
