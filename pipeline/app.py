@@ -92,10 +92,6 @@ def make_app(
     return app
 
 
-def runtime_of(app: faust.App) -> Runtime:
-    return app.pipeline_runtime  # type: ignore[attr-defined]
-
-
 # ---------------------------------------------------------------- faust glue
 
 
