@@ -23,7 +23,7 @@ from faust.types import Message
 from faust.types.tuples import ack_lock
 from mode.utils.futures import notify
 
-from pipeline.processors import Runtime
+from pipeline.runtime import Runtime
 from topics import bus
 from topics.settings import Settings
 
@@ -90,10 +90,6 @@ def make_app(
     runtime = register(app, settings, flush_chunk=flush_chunk, flush_pause=flush_pause)
     app.pipeline_runtime = runtime  # type: ignore[attr-defined]
     return app
-
-
-def runtime_of(app: faust.App) -> Runtime:
-    return app.pipeline_runtime  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------- faust glue

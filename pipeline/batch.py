@@ -1,6 +1,6 @@
 """Walking one batch of records through its portals' state: pure, no I/O.
 
-The store (pipeline.state) locks the portal rows a batch touches and hands
+The hold store (pipeline.hold) locks the portal rows a batch touches and hands
 them to ``walk`` together with the records in partition order. ``walk`` does
 what processing them one by one would do to each portal (arrival numbers,
 room requests, the state a release or a live message leads to, watermarks)
@@ -21,7 +21,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from pipeline import policy
+from pipeline.intake import Incoming
+from pipeline.portal import (
+    ROOM_STATES,
+    Forward,
+    Held,
+    Portal,
+    Release,
+    after_release,
+    request_room,
+)
 from topics.codec import encode
 from topics.records import (
     HistoryComplete,
@@ -31,74 +40,6 @@ from topics.records import (
     SyncComplete,
 )
 from topics.settings import BackfillSettings
-
-# Portal states (what `backflow status` shows).
-HELD = "held"  # no room requested yet
-WAITING = "waiting_for_room"  # CreateRoom requested, RoomCreated not seen
-BACKFILLING = "backfilling"  # released commands not all produced yet
-LIVE = "live"  # room exists, everything produced; new messages are forwarded
-
-ROOM_STATES = (BACKFILLING, LIVE)
-
-
-@dataclass(slots=True)
-class Incoming:
-    """One decoded record with where it came from."""
-
-    record: object
-    topic: str  # "history", "live" or "events"
-    partition: int
-    offset: int
-    raw: bytes = b""  # the original bytes, for a dead letter if processing fails
-
-
-@dataclass(slots=True)
-class Portal:
-    """A locked portal row, advanced in memory through the batch, then written back."""
-
-    key: str
-    state: str
-    room_requested: bool
-    room_id: str | None
-    alias: str | None
-    next_seq: int
-    last_bridged_ts: int | None
-    last_bridged_id: str | None
-    # The hold (see pipeline/state.py's schema): rows are numbered as they
-    # arrive; history above history_decided and live above live_decided are held.
-    next_arrival: int
-    history_decided: int
-    live_decided: int
-    held_history: int  # history rows above history_decided (may overcount duplicates)
-    # What this batch adds, written back with the rest.
-    info: bytes | None = None
-    history_complete: bool = False
-    sync: str | None = None
-    room_created: bool = False
-    newest_ts: int | None = None
-    dropped: dict[str, int] = field(default_factory=dict)
-
-
-@dataclass(slots=True)
-class Release:
-    """Release everything held up to arrival ``upto`` (a room_created, or a catch-up)."""
-
-    upto: int
-    history_decided: int  # the watermarks before it: rows above them are held
-    live_decided: int
-    catch_up: bool
-    last_ts: int | None  # the room's newest bridged message (catch-up)
-    portal_ts: bool  # catch-up after the portal's own last bridged message (known later)
-    room: RoomCreated | None = None
-
-
-@dataclass(slots=True)
-class Forward:
-    """Live messages for a portal whose room exists, in arrival order."""
-
-    msgs: list[policy.Held]
-    history_decided: int  # the watermarks before them (what is held for a target lookup)
-    live_decided: int
 
 
 @dataclass(slots=True)
@@ -141,7 +82,7 @@ def walk(
             elif portal.room_requested:
                 pass
             elif backfill.max_initial_conversations < 0 or rec.sync is None:
-                _request_room(portal)
+                request_room(portal)
             else:
                 out.decide.add((rec.network, rec.sync))
         elif isinstance(rec, RoomCreated):
@@ -164,7 +105,7 @@ def walk(
 def _message(out: Walked, item: Incoming, m: NetworkMessage, portal: Portal) -> None:
     arrival = portal.next_arrival
     portal.next_arrival += 1  # a duplicate that is not inserted leaves a gap: harmless
-    live = item.topic == "live" or not m.history
+    live = item.kind == "live" or not m.history
     out.keys.append(portal.key)
     out.arrivals.append(arrival)
     out.lives.append(live)
@@ -175,21 +116,34 @@ def _message(out: Walked, item: Incoming, m: NetworkMessage, portal: Portal) -> 
         portal.held_history += 1  # waits for HistoryComplete (release or catch-up)
         return
     if portal.state in ROOM_STATES:
-        held = policy.Held(
-            m.id, m.part, m.ts, item.offset, True, m.content.kind, m.content.target, arrival
+        held = Held(
+            id=m.id,
+            part=m.part,
+            ts=m.ts,
+            ord=item.offset,
+            live=True,
+            kind=m.content.kind,
+            target=m.content.target,
+            arrival=arrival,
         )
         actions = out.actions.setdefault(portal.key, [])
         if actions and isinstance(actions[-1], Forward):
             actions[-1].msgs.append(held)
         else:
-            actions.append(Forward([held], portal.history_decided, portal.live_decided))
+            actions.append(
+                Forward(
+                    msgs=[held],
+                    history_decided=portal.history_decided,
+                    live_decided=portal.live_decided,
+                )
+            )
         # Forwarded now; history follows along only while none is held, so a
         # later release scans only what it needs.
         portal.live_decided = arrival
         if portal.held_history == 0:
             portal.history_decided = arrival
     elif not portal.room_requested:
-        _request_room(portal)  # a live message always asks for the room
+        request_room(portal)  # a live message always asks for the room
 
 
 def _release(
@@ -204,25 +158,17 @@ def _release(
     upto = portal.next_arrival - 1
     out.actions.setdefault(portal.key, []).append(
         Release(
-            upto,
-            portal.history_decided,
-            portal.live_decided,
-            catch_up,
-            last_ts,
-            portal_ts,
-            room,
+            upto=upto,
+            history_decided=portal.history_decided,
+            live_decided=portal.live_decided,
+            catch_up=catch_up,
+            last_ts=last_ts,
+            portal_ts=portal_ts,
+            room=room,
         )
     )
     # A release decides every row held so far.
     portal.history_decided = portal.live_decided = upto
     portal.held_history = 0
-    # A release into a new room shows BACKFILLING until the flush has the whole
-    # outbox in the log; a LIVE portal stays LIVE while catching up.
-    portal.state = LIVE if portal.state == LIVE else BACKFILLING
+    portal.state = after_release(portal.state)
 
-
-def _request_room(portal: Portal) -> None:
-    """The flag is the request; the outbox flush produces CreateRoom."""
-    portal.room_requested = True
-    if portal.state == HELD:
-        portal.state = WAITING

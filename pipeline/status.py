@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 
-from pipeline.state import init_schema
+from pipeline.schema import init_schema
 from topics.settings import Settings
 
 _QUERY = """

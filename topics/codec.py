@@ -15,7 +15,17 @@ from typing import Any
 
 import orjson
 
-from topics.records import MAX_TS, MIN_TS, Content, NetworkMessage, Record, Sender, SendMessage
+from topics.records import (
+    MAX_TS,
+    MIN_TS,
+    Content,
+    CreateRoom,
+    NetworkMessage,
+    PortalInfo,
+    Record,
+    Sender,
+    SendMessage,
+)
 from topics.schema import (
     MAX_ID_LEN,
     MAX_RECORD_BYTES,
@@ -27,7 +37,17 @@ from topics.schema import (
     parse,
 )
 
-__all__ = ["MAX_RECORD_BYTES", "RecordError", "decode", "encode", "from_dict", "to_dict"]
+__all__ = [
+    "MAX_RECORD_BYTES",
+    "RecordError",
+    "create_room_command",
+    "decode",
+    "encode",
+    "from_dict",
+    "send_command",
+    "stored_message",
+    "to_dict",
+]
 
 # ---------------------------------------------------------------- encoding
 
@@ -57,6 +77,49 @@ def to_dict(record: Record) -> dict[str, Any]:
 
 def encode(record: Record) -> bytes:
     return orjson.dumps(to_dict(record))
+
+
+# ---------------------------------------------------------------- commands
+# The pipeline stores a held message as bytes and later sends it inside a
+# SendMessage; these keep those bytes the codec's, without a decode/encode.
+
+
+def stored_message(record: Record, raw: bytes) -> bytes:
+    """The bytes a held message is stored (and later sent) as: the record as published.
+
+    ``raw`` passed this codec's validation on the way in, and every reader
+    decodes it with the same codec, so re-encoding it would only cost time
+    (~2 us a message). A record too close to the size limit to fit in a
+    SendMessage is re-encoded instead, which drops anything the codec does not know.
+    """
+    if raw and len(raw) <= MAX_RECORD_BYTES - 100:
+        return raw
+    return encode(record)
+
+
+def send_command(message: bytes, seq: int) -> bytes:
+    """The encoded SendMessage around stored message bytes: identical to ``encode``.
+
+    Built by concatenation so the outbox flush never decodes and re-encodes a body.
+    """
+    return b'{"type":"send","message":' + message + b',"seq":' + str(seq).encode() + b"}"
+
+
+def create_room_command(network: str, portal: str, info: bytes | None) -> bytes:
+    """The encoded CreateRoom for a portal, from its stored PortalInfo bytes if any."""
+    known = decode(info) if info is not None else None
+    if isinstance(known, PortalInfo):
+        return encode(
+            CreateRoom(
+                network=network,
+                portal=portal,
+                name=known.name,
+                topic=known.topic,
+                members=known.members,
+                avatar_url=known.avatar_url,
+            )
+        )
+    return encode(CreateRoom(network=network, portal=portal))
 
 
 # ---------------------------------------------------------------- decoding

@@ -179,3 +179,25 @@ async def test_malformed_records_reach_dead_letters(shared: tuple[Settings, Work
     reasons = " | ".join(d["reason"] for d in mine)
     assert "invalid JSON" in reasons and "field 'ts'" in reasons and "does not belong" in reasons
     assert mine[0]["original"] == "{not json"
+
+
+async def test_nul_in_portal_id_is_dead_lettered_and_later_portals_still_flow(
+    shared: tuple[Settings, Worker, CommandDriver],
+):
+    """Issue 10 item 1: U+0000 in a portal id made the batch fail in Postgres, the
+    fallback's error bookkeeping raised, the agent crashed and the partition stalled."""
+    settings, worker, sink = shared
+    portal = unique("after")
+    key = f"testnet:{portal}"
+    # Keyed like the good portal, so it lands on the same partition before it.
+    poison = encode(msg(f"{portal}\x00evil", "p1", BASE_TS))
+    good = [info(portal), msg(portal, "g1", BASE_TS + 1), done(portal)]
+    await publish(settings, settings.catalog.history, [(key, poison), *good])
+    await sink.wait_for(lambda: sink.sent_ids(key) == ["g1"], workers=(worker,))
+    assert worker.alive()
+    letters = [v for _, v in await read_topic(settings, settings.catalog.dead_letters)]
+    mine = [d for d in letters if d.get("key") == key and "U+0000" in d["reason"]]
+    assert len(mine) == 1
+    assert mine[0]["stage"] == "pipeline"
+    assert mine[0]["source"].startswith(f"{settings.catalog.history}[")
+    assert "U+0000" in worker.log()  # logged at WARNING through the backflow logger

@@ -1,4 +1,4 @@
-"""The hold store and outbox (pipeline.state) on a real Postgres, without a broker.
+"""The hold store and outbox (pipeline.hold, pipeline.outbox) on a real Postgres, without a broker.
 
 The end-to-end tests (test_pipeline*.py) drive the store through workers; these
 drive it directly, for the paths a broker run seldom takes: a live dependent
@@ -15,9 +15,11 @@ import orjson
 import pytest
 
 from backflow.stack.postgres import create_database
-from pipeline import policy
-from pipeline.batch import Incoming
-from pipeline.state import Store, init_schema
+from pipeline import portal as policy
+from pipeline.hold import HoldStore
+from pipeline.intake import Incoming
+from pipeline.outbox import Outbox
+from pipeline.schema import init_schema
 from pipeline.status import status_rows
 from tests.conftest import CREATED_DATABASES
 from tests.pipeline_support import BASE_TS, done, msg, unique
@@ -39,7 +41,7 @@ async def pool(pg_admin: str) -> AsyncIterator[asyncpg.Pool]:
 class Feed:
     """Applies records as a worker would: topic offsets counted per topic."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: HoldStore) -> None:
         self.store = store
         self.offsets: dict[str, int] = {}
 
@@ -56,12 +58,13 @@ class Feed:
         await self.store.apply(batch)
 
 
-def stores(pool: asyncpg.Pool, **backfill: int) -> tuple[Store, Feed]:
-    store = Store(pool, BackfillSettings(**backfill))  # type: ignore[arg-type]
-    return store, Feed(store)
+def stores(pool: asyncpg.Pool, **backfill: int) -> tuple[Outbox, Feed]:
+    """The outbox, and a feed applying batches to the hold store."""
+    hold = HoldStore(pool, BackfillSettings(**backfill))  # type: ignore[arg-type]
+    return Outbox(pool), Feed(hold)
 
 
-async def outbox(store: Store) -> list[tuple[str, int, str]]:
+async def outbox(store: Outbox) -> list[tuple[str, int, str]]:
     """Every command not yet in the log: (portal, seq, message id), in order."""
     out = []
     portals = await store.outbox_portals([0])
@@ -71,7 +74,7 @@ async def outbox(store: Store) -> list[tuple[str, int, str]]:
     return out
 
 
-async def produce_all(store: Store) -> list[tuple[str, int, str]]:
+async def produce_all(store: Outbox) -> list[tuple[str, int, str]]:
     sent = await outbox(store)
     sends: dict[str, list[int]] = {}
     for key, seq, _ in sent:
@@ -213,8 +216,8 @@ async def test_redelivered_batch_changes_nothing(pool: asyncpg.Pool) -> None:
     await feed("events", room)
     first = await outbox(store)
     # The same records again (a worker crashed before its offsets were committed).
-    await Feed(store)("history", *history, done(portal))
-    await Feed(store)("events", room)
+    await Feed(feed.store)("history", *history, done(portal))
+    await Feed(feed.store)("events", room)
     assert await outbox(store) == first
     assert ids(first) == ["m2", "m3"]
     row = (await status_rows(pool))[0]

@@ -1,4 +1,4 @@
-"""Pure pipeline decisions (no services): order, caps, dependents, catch-up, ranking."""
+"""The portal state machine and release planning (pipeline.portal), pure: no services."""
 
 from __future__ import annotations
 
@@ -7,14 +7,29 @@ from dataclasses import replace
 
 import pytest
 
-from pipeline import policy
+from pipeline import portal as policy
 from pipeline.app import _resume
-from pipeline.batch import Incoming
-from pipeline.policy import Held, live_decision, plan_release, rank_portals
-from pipeline.state import send_command, stored_record
+from pipeline.portal import (
+    ALL_PRODUCED,
+    ROOM_REQUESTED,
+    ROOM_STATES,
+    Forward,
+    Held,
+    Portal,
+    PortalState,
+    Release,
+    after_release,
+    live_decision,
+    lookups,
+    plan_release,
+    plan_round,
+    rank_portals,
+    request_room,
+)
 from tests.pipeline_support import msg
-from topics.codec import MAX_RECORD_BYTES, decode, encode
+from topics.codec import MAX_RECORD_BYTES, decode, encode, send_command, stored_message
 from topics.records import Content, SendMessage
+from topics.settings import BackfillSettings
 
 
 def h(mid: str, ts: int, ord: int = 0, **kw: object) -> Held:
@@ -127,9 +142,8 @@ def test_a_stored_record_is_sent_as_published_unless_near_the_size_limit() -> No
     raw = b'{"ts": 1700000000000, "type": "message", "network": "testnet", "portal": "p", ' + (
         b'"id": "m1", "sender": {"id": "alice"}, "content": {"kind": "text", "body": "hi"}}'
     )
-    item = Incoming(decode(raw), "history", 0, 7, raw)
-    assert stored_record(item) == raw
-    assert decode(send_command(stored_record(item), 3)) == SendMessage(
+    assert stored_message(decode(raw), raw) == raw
+    assert decode(send_command(stored_message(decode(raw), raw), 3)) == SendMessage(
         message=decode(raw), seq=3
     )
     # Near the limit the SendMessage wrapper would not fit: re-encoded by the codec.
@@ -138,8 +152,7 @@ def test_a_stored_record_is_sent_as_published_unless_near_the_size_limit() -> No
     fill = MAX_RECORD_BYTES - 50 - len(encode(big)) - len(b', "unknown": ""')
     padded = encode(big)[:-1] + b', "unknown": "' + b"y" * fill + b'"}'
     assert MAX_RECORD_BYTES - 100 < len(padded) <= MAX_RECORD_BYTES
-    item = Incoming(decode(padded), "history", 0, 8, padded)
-    assert stored_record(item) == encode(big)
+    assert stored_message(decode(padded), padded) == encode(big)
 
 
 def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
@@ -175,3 +188,134 @@ def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
         assert cleaned == [True]
 
     asyncio.run(main())
+
+
+# ---------------------------------------------------------------- state machine
+
+
+def portal_row(state: str = "held", **kw: object) -> Portal:
+    values: dict[str, object] = {
+        "key": "net:p",
+        "state": state,
+        "room_requested": False,
+        "room_id": None,
+        "alias": None,
+        "next_seq": 1,
+        "last_bridged_ts": None,
+        "last_bridged_id": None,
+        "next_arrival": 1,
+        "history_decided": 0,
+        "live_decided": 0,
+        "held_history": 0,
+    }
+    values.update(kw)
+    return Portal(**values)  # type: ignore[arg-type]
+
+
+def test_state_values_are_what_status_shows() -> None:
+    assert [s.value for s in PortalState] == [
+        "held",
+        "waiting_for_room",
+        "backfilling",
+        "live",
+    ]
+    assert ROOM_STATES == {PortalState.BACKFILLING, PortalState.LIVE}
+
+
+def test_request_room_moves_only_a_held_portal_to_waiting() -> None:
+    p = portal_row()
+    request_room(p)
+    assert p.room_requested and p.state == PortalState.WAITING
+    for state in (PortalState.WAITING, PortalState.BACKFILLING, PortalState.LIVE):
+        p = portal_row(state)
+        request_room(p)
+        assert p.room_requested and p.state == state
+
+
+def test_release_backfills_a_new_room_and_keeps_a_live_one_live() -> None:
+    assert after_release(PortalState.WAITING) == PortalState.BACKFILLING
+    assert after_release(PortalState.HELD) == PortalState.BACKFILLING
+    assert after_release(PortalState.BACKFILLING) == PortalState.BACKFILLING
+    assert after_release(PortalState.LIVE) == PortalState.LIVE
+
+
+def test_guarded_transitions() -> None:
+    assert ROOM_REQUESTED.apply("held") == PortalState.WAITING
+    assert ROOM_REQUESTED.apply("live") == PortalState.LIVE
+    assert ALL_PRODUCED.apply("backfilling") == PortalState.LIVE
+    assert ALL_PRODUCED.apply("waiting_for_room") == PortalState.WAITING
+
+
+# ---------------------------------------------------------------- one round
+
+
+def release(**kw: object) -> Release:
+    values: dict[str, object] = {
+        "upto": 10,
+        "history_decided": 0,
+        "live_decided": 0,
+        "catch_up": False,
+        "last_ts": None,
+        "portal_ts": False,
+    }
+    values.update(kw)
+    return Release(**values)  # type: ignore[arg-type]
+
+
+def test_plan_round_assigns_seqs_and_advances_the_portal() -> None:
+    p = portal_row("waiting_for_room", next_seq=5)
+    held = {"net:p": [h("a", 1, 0, arrival=1), h("b", 3, 1, arrival=2), h("c", 2, 2, arrival=3)]}
+    backfill = BackfillSettings(max_initial_messages=2)
+    [d] = plan_round([(p, release())], [], held, {}, backfill)
+    assert d.first_seq == 5 and [m.id for m in d.release] == ["c", "b"] and d.unhold
+    assert [(m.id, r) for m, r in d.dropped] == [("a", policy.CAP)]
+    assert p.next_seq == 7 and (p.last_bridged_ts, p.last_bridged_id) == (3, "b")
+    assert p.dropped == {policy.CAP: 1}
+
+
+def test_plan_round_catch_up_uses_statuses_it_looked_up() -> None:
+    p = portal_row("live", last_bridged_ts=5, last_bridged_id="x")
+    a = release(catch_up=True, portal_ts=True)
+    held = {"net:p": [h("y", 5, 0, arrival=4), h("z", 6, 1, arrival=5)]}
+    assert lookups([(p, a)], [], held) == [("net:p", "y", 0, 0)]
+    status = {("net:p", "y"): {policy.STATUS_RELEASED}}
+    [d] = plan_round([(p, a)], [], held, status, BackfillSettings())
+    assert [m.id for m in d.release] == ["z"]
+    assert [(m.id, r) for m, r in d.dropped] == [("y", policy.BEFORE_LAST_BRIDGED)]
+
+
+def test_plan_round_forwards_holds_back_and_drops_live_dependents() -> None:
+    p = portal_row("live", next_seq=3)
+    msgs = [
+        h("m", 1, 0, live=True, arrival=7),
+        h("r1", 2, 1, live=True, kind="reaction", target="m", arrival=8),
+        h("r2", 2, 2, live=True, kind="reaction", target="held", arrival=9),
+        h("r3", 2, 3, live=True, kind="reaction", target="gone", arrival=10),
+    ]
+    f = Forward(msgs=msgs, history_decided=0, live_decided=6)
+    assert sorted(i for _, i, _, _ in lookups([], [(p, f)], {})) == ["gone", "held", "m"]
+    status = {("net:p", "held"): {policy.STATUS_HELD}}
+    [d] = plan_round([], [(p, f)], {}, status, BackfillSettings())
+    assert [m.id for m in d.release] == ["m", "r1"] and d.first_seq == 3 and not d.unhold
+    assert [m.id for m in d.holdback] == ["r2"]
+    assert [(m.id, r) for m, r in d.dropped] == [("r3", policy.TARGET_MISSING)]
+    assert p.next_seq == 5
+
+
+def test_intake_rejects_nul_in_stored_text_fields() -> None:
+    """U+0000 cannot be stored in Postgres text: refused before a batch is applied."""
+    from types import SimpleNamespace
+
+    from pipeline.intake import prepare
+
+    bad = encode(msg("p\x00x", "m", 1_700_000_000_000))
+    ok = encode(msg("p", "m", 1_700_000_000_000))
+    records = [
+        SimpleNamespace(topic="t-history", partition=2, offset=o, key=b"k", value=v)
+        for o, v in enumerate((bad, ok))
+    ]
+    prepared = prepare(records, {"t-history": "history"})
+    assert [i.offset for i in prepared.items] == [1]
+    assert prepared.items[0].source == "t-history[2]@1"
+    [letter] = prepared.letters
+    assert letter.source == "t-history[2]@0" and "U+0000" in letter.reason

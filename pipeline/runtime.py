@@ -1,10 +1,12 @@
-"""The portal processor: what the pipeline's faust agent (pipeline/app.py) does with a batch.
+"""A pipeline worker's runtime: what the faust agent (pipeline/app.py) calls per batch.
 
 The agent consumes the three co-partitioned topics (all keyed by portal), so
 one worker owns a portal at a time and sees its records in partition order.
-Records are applied to Postgres in batches (``pipeline.state``); commands are
-written to an outbox there and produced by ``Runtime.flush`` in per-portal
-``seq`` order. See docs/pipeline.md for the exactly-once argument.
+``Runtime`` holds the worker's resources (database pool, producer, a reader
+of the command log), applies decoded batches (``pipeline.intake``) to the
+hold store (``pipeline.hold``), and produces the outbox (``pipeline.outbox``)
+in per-portal ``seq`` order after reconciling each owned partition with the
+log. See docs/pipeline.md for the exactly-once argument.
 """
 
 from __future__ import annotations
@@ -15,30 +17,25 @@ import os
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from pipeline.batch import Incoming
-from pipeline.state import OutboxPortal, Outcome, Store, init_schema, send_command
+from pipeline.hold import HoldStore, Outcome
+from pipeline.intake import Incoming, Prepared, prepare
+from pipeline.outbox import Outbox, OutboxPortal
+from pipeline.schema import init_schema
 from topics import bus
-from topics.codec import RecordError, decode
+from topics.codec import send_command
+from topics.deadletter import DeadLetters, Stage
 from topics.records import DeadLetter
 from topics.settings import Settings
 
 log = logging.getLogger("backflow.pipeline")
 
-STAGE = "pipeline"
 TRACE = bool(os.environ.get("BACKFLOW_PIPELINE_TRACE"))  # log each batch's timings
-# Which record types belong on which source topic (topics.catalog specs).
-ALLOWED = {
-    "history": ("message", "portal", "history_complete", "sync_complete"),
-    "live": ("message", "portal"),
-    "events": ("room_created",),
-}
 # Errors after which retrying the same work is right (the database or the
 # network was away, or Postgres chose us as a deadlock victim).
 TRANSIENT = (
@@ -53,15 +50,6 @@ TRANSIENT = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
-
-
-@dataclass(slots=True)
-class Prepared:
-    """A decoded batch: the records to apply and the dead letters to send."""
-
-    size: int
-    items: list[Incoming] = field(default_factory=list)
-    letters: list[DeadLetter] = field(default_factory=list)
 
 
 class Runtime:
@@ -80,9 +68,11 @@ class Runtime:
             self.catalog.portal_events: "events",
         }
         self.pool: asyncpg.Pool | None = None
-        self.store: Store | None = None
+        self.hold: HoldStore | None = None
+        self.outbox: Outbox | None = None
         self.producer: Any = None
         self.reader: AIOKafkaConsumer | None = None
+        self.dead_letters: DeadLetters = DeadLetters(None, "", Stage.PIPELINE)  # set by start
         self._start_lock = asyncio.Lock()
         # Outbox partitions this worker may produce: assigned AND reconciled
         # with the log. Everything that produces holds ``flush_lock``.
@@ -94,12 +84,13 @@ class Runtime:
         self._flush_wanted = asyncio.Event()
         self._flusher: asyncio.Future | None = None
 
-    async def start(self) -> Store:
+    async def start(self) -> tuple[HoldStore, Outbox]:
+        """Open the pool, producer and log reader once; the hold store and outbox."""
         async with self._start_lock:
             if self.stopped:
                 raise RuntimeError("pipeline runtime is stopped")
-            if self.store is not None:
-                return self.store
+            if self.hold is not None and self.outbox is not None:
+                return self.hold, self.outbox
             url = self.settings.database.url
             if not url:
                 raise RuntimeError("no database configured: set BACKFLOW_DATABASE_URL")
@@ -115,8 +106,10 @@ class Runtime:
             )
             await bus.start(reader, self.settings)
             self.pool, self.producer, self.reader = pool, producer, reader
-            self.store = Store(pool, self.settings.backfill)
-            return self.store
+            self.dead_letters = DeadLetters(producer, self.catalog.dead_letters, Stage.PIPELINE)
+            self.hold = HoldStore(pool, self.settings.backfill)
+            self.outbox = Outbox(pool)
+            return self.hold, self.outbox
 
     async def stop(self) -> None:
         self.stopped = True
@@ -130,7 +123,7 @@ class Runtime:
                 await self.reader.stop()
             if self.pool is not None:
                 await self.pool.close()
-            self.store = self.producer = self.reader = self.pool = None
+            self.hold = self.outbox = self.producer = self.reader = self.pool = None
 
     # ------------------------------------------------------------ rebalance
 
@@ -157,9 +150,9 @@ class Runtime:
         Covers a crash between the producer's ack and the produced mark: those
         commands are found here and never produced twice.
         """
-        assert self.reader is not None and self.store is not None
+        assert self.reader is not None and self.outbox is not None
         tp = TopicPartition(self.catalog.matrix_commands, partition)
-        start = (await self.store.command_offsets([partition])).get(partition, 0)
+        start = (await self.outbox.command_offsets([partition])).get(partition, 0)
         end = (await self.reader.end_offsets([tp]))[tp]
         if start >= end:
             return
@@ -185,16 +178,16 @@ class Runtime:
                 except (ValueError, KeyError, TypeError):
                     log.warning("unreadable command at %s@%s", tp, rec.offset)
             if found >= 20_000:
-                await self.store.mark_produced(rooms, sends, {partition: position})
+                await self.outbox.mark_produced(rooms, sends, {partition: position})
                 rooms, sends, found = [], {}, 0
-        await self.store.mark_produced(rooms, sends, {partition: end})
+        await self.outbox.mark_produced(rooms, sends, {partition: end})
         log.info("partition %s: read back commands %s..%s", partition, start, end)
 
     # ------------------------------------------------------------ outbox
 
     async def flush(self, partitions: Iterable[int] | None = None) -> int:
         """Produce pending commands of owned partitions in (portal, seq) order."""
-        store = await self.start()
+        _, store = await self.start()
         async with self.flush_lock:
             wanted = self.ready if partitions is None else self.ready & set(partitions)
             parts = sorted(wanted)
@@ -316,32 +309,12 @@ class Runtime:
     # ------------------------------------------------------------ records
 
     def prepare(self, records: Sequence[Any]) -> Prepared:
-        """Decode and validate a batch (CPU only: may run while the previous batch applies).
-
-        A record is anything with ``topic``, ``partition``, ``offset``, ``key``
-        and ``value`` (raw bytes): faust's Message, as the intake hands it on.
-        """
-        prepared = Prepared(len(records))
-        items, letters = prepared.items, prepared.letters
-        kinds = self.kinds
-        for msg in records:
-            raw = msg.value if isinstance(msg.value, bytes) else b""
-            kind = kinds.get(msg.topic, "history")
-            try:
-                record = decode(raw)
-                if record.TYPE not in ALLOWED[kind]:
-                    raise RecordError("type", f"a {record.TYPE!r} record does not belong here")
-            except RecordError as exc:
-                source = f"{msg.topic}[{msg.partition}]@{msg.offset}"
-                key = msg.key.decode("utf-8", "replace") if isinstance(msg.key, bytes) else None
-                letters.append(bus.dead_letter(STAGE, str(exc), raw, source=source, key=key))
-                continue
-            items.append(Incoming(record, kind, msg.partition, msg.offset, raw))
-        return prepared
+        """Decode and validate a batch (CPU only: may run while the previous batch applies)."""
+        return prepare(records, self.kinds)
 
     async def apply(self, prepared: Prepared) -> None:
         """Dead-letter, apply to Postgres, decide syncs, wake the outbox flush."""
-        store = await self.start()
+        store, _ = await self.start()
         t0 = time.perf_counter()
         if prepared.letters:
             await self._dead_letters(prepared.letters)
@@ -376,7 +349,7 @@ class Runtime:
             if TRACE and produced:
                 log.info("flushed %d in %.1f ms", produced, (time.perf_counter() - t0) * 1000)
 
-    async def _apply(self, store: Store, items: list[Incoming]) -> Outcome:
+    async def _apply(self, store: HoldStore, items: list[Incoming]) -> Outcome:
         try:
             return await self._retry(lambda: store.apply(items), "applying a batch")
         except Exception as exc:  # noqa: BLE001 - isolate the record that fails
@@ -386,35 +359,34 @@ class Runtime:
             try:
                 one = await self._retry(lambda item=item: store.apply_one(item), "applying")
             except Exception as exc:  # noqa: BLE001 - this record is the bad one
-                reason = f"processing failed: {exc!r}"
-                key = getattr(item.record, "key", None)
-                await self._dead_letters(
-                    [
-                        bus.dead_letter(
-                            STAGE,
-                            reason,
-                            item.raw,
-                            source=f"{item.topic}[{item.partition}]@{item.offset}",
-                            key=key,
-                        )
-                    ]
-                )
-                await self._retry(lambda k=key, r=reason: store.record_error(k, r), "recording")
+                await self._reject(store, item, f"processing failed: {exc!r}")
                 continue
             outcome.syncs |= one.syncs
         return outcome
 
-    async def _dead_letters(self, letters: list) -> None:
-        futures = [
-            await bus.send(
-                self.producer, self.catalog.dead_letters, letter, key=letter.key or STAGE
-            )
-            for letter in letters
-        ]
-        await asyncio.gather(*futures)
+    async def _reject(self, store: HoldStore, item: Incoming, reason: str) -> None:
+        """Dead-letter a record that failed on its own and note it on its portal.
+
+        Never raises (but for cancellation): a failure here would crash the
+        agent and stall every later record of its partitions, for other
+        portals too. The dead letter is retried while the broker is away.
+        """
+        key = getattr(item.record, "key", None)
+        log.warning("record %s (portal %r) failed: %s", item.source, key, reason)
+        try:
+            letter = self.dead_letters.build(reason, item.raw, source=item.source, key=key)
+            await self._retry(lambda: self._dead_letters([letter]), "dead-lettering")
+        except Exception:  # noqa: BLE001 - must not stop the agent
+            log.exception("could not dead-letter %s", item.source)
+        try:
+            await self._retry(lambda: store.record_error(key, reason), "recording the error")
+        except Exception:  # noqa: BLE001 - only bookkeeping for `backflow status`
+            log.exception("could not record the error of portal %r", key)
+
+    async def _dead_letters(self, letters: list[DeadLetter]) -> None:
+        """Publish dead letters (the reporter logs each) and wait for the acks."""
+        await self.dead_letters.report_all(letters)
         self.stats["dead_letters"] += len(letters)
-        for letter in letters:
-            log.warning("dead letter (%s): %s", letter.source, letter.reason)
 
     async def _retry(self, make: Any, what: str) -> Any:
         """Retry transient failures forever (at-least-once: never skip a record)."""
