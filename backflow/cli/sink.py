@@ -18,8 +18,10 @@ import click
 from connectors.matrix.client import MatrixError
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
-from connectors.matrix.sink import SinkError, SinkStats, open_client, run_sink
-from connectors.matrix.store import Store, StoreUnreachable
+from connectors.matrix.runner import open_client, run_sink
+from connectors.matrix.sink import SinkError
+from connectors.matrix.stats import SinkStats
+from connectors.matrix.store import SinkStore, StoreUnreachable
 from topics.settings import Settings
 
 PROGRESS_INTERVAL = 10.0
@@ -111,7 +113,7 @@ async def _find_room(settings: Settings, client: Any, alias_prefix: str, value: 
             raise SinkError(f"no room has the alias {value}")
         return room
     try:
-        store = await Store.open(settings.database.url, size=1)
+        store = await SinkStore.open(settings.database.url, size=1)
     except StoreUnreachable as exc:
         raise SinkError(str(exc)) from None
     try:

@@ -26,12 +26,15 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
 from yarl import URL
+
+from connectors.matrix.media import MAX_MEDIA_BYTES, MediaError, fetch_url
 
 log = logging.getLogger("backflow.sink.client")
 
@@ -40,7 +43,6 @@ MEDIA_UPLOAD = "/_matrix/media/v3/upload"
 MEDIA_DOWNLOAD = "/_matrix/client/v1/media/download"
 _TRANSIENT_STATUS = frozenset({502, 503, 504, 408})
 MAX_500_RETRIES = 5
-MAX_MEDIA_BYTES = 100 * 1024 * 1024
 
 Settle = Callable[[], Awaitable[dict[str, Any] | None]]
 
@@ -59,10 +61,6 @@ class MatrixError(Exception):
 
 class MatrixUnreachable(Exception):
     """The homeserver does not answer at all (used for startup checks)."""
-
-
-class MediaError(ValueError):
-    """A media URL that must not or cannot be fetched."""
 
 
 def q(segment: str) -> str:
@@ -124,8 +122,14 @@ class MatrixClient:
         as_user: str | None = None,
         settle: Settle | None = None,
         retry_transient: bool = True,
+        slot: asyncio.Semaphore | None = None,
     ) -> dict[str, Any]:
-        """One API call with the retry policy described in the module docstring."""
+        """One API call with the retry policy described in the module docstring.
+
+        ``slot`` (the sink's per-room concurrency semaphore) is held only while
+        an attempt is on the wire: waiting out a 429 or a backoff gives it back,
+        so a rate-limited room does not keep another room from sending.
+        """
         query = dict(params or {})
         if as_user is not None and as_user != self.bot:
             query["user_id"] = as_user
@@ -142,8 +146,9 @@ class MatrixClient:
         while True:
             self.stats["requests"] += 1
             problem: str
+            wait: float | None = None
             try:
-                async with self._session.request(
+                async with slot or nullcontext(), self._session.request(
                     method, URL(url, encoded=True), data=body, headers=headers
                 ) as resp:
                     raw = await resp.read()
@@ -160,9 +165,8 @@ class MatrixClient:
                         delay = _retry_after(resp.headers.get("Retry-After"), payload)
                         delay = min(delay, self.max_retry_delay)
                         log.debug("429 on %s %s, waiting %.2fs", method, path, delay)
-                        await asyncio.sleep(delay)
-                        continue  # rejected before any effect: safe to repeat
-                    if status in _TRANSIENT_STATUS or (
+                        wait = delay
+                    elif status in _TRANSIENT_STATUS or (
                         status >= 500 and errors_500 < MAX_500_RETRIES
                     ):
                         if status not in _TRANSIENT_STATUS:
@@ -172,6 +176,9 @@ class MatrixClient:
                         raise MatrixError(status, errcode, error, method, path)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = self.scrub(f"{type(exc).__name__}: {exc}")
+            if wait is not None:
+                await asyncio.sleep(wait)  # outside the slot
+                continue  # rejected before any effect: safe to repeat
             # Transient failure: the request may or may not have taken effect.
             self.stats["transient"] += 1
             if not retry_transient:
@@ -288,16 +295,6 @@ class MatrixClient:
         data = await self.request("GET", f"{CLIENT}/rooms/{q(room_id)}/joined_members")
         return set((data.get("joined") or {}).keys())
 
-    async def set_state(
-        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
-    ) -> str:
-        data = await self.request(
-            "PUT",
-            f"{CLIENT}/rooms/{q(room_id)}/state/{q(event_type)}/{q(state_key)}",
-            json=content,
-        )
-        return str(data["event_id"])
-
     async def send(
         self,
         room_id: str,
@@ -308,6 +305,7 @@ class MatrixClient:
         as_user: str | None = None,
         ts: int | None = None,
         settle: Settle | None = None,
+        slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Send one event with a stable txn id and a massaged timestamp; returns its id."""
         params: dict[str, Any] = {}
@@ -320,6 +318,7 @@ class MatrixClient:
             json=content,
             as_user=as_user,
             settle=settle,
+            slot=slot,
         )
         return str(data["event_id"])
 
@@ -332,6 +331,7 @@ class MatrixClient:
         *,
         as_user: str | None = None,
         settle: Settle | None = None,
+        slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Redact an event. The endpoint takes no ``ts``: redactions carry the current time."""
         data = await self.request(
@@ -340,14 +340,21 @@ class MatrixClient:
             json=content,
             as_user=as_user,
             settle=settle,
+            slot=slot,
         )
         return str(data["event_id"])
 
-    async def upload(self, data: bytes, content_type: str, filename: str | None = None) -> str:
+    async def upload(
+        self,
+        data: bytes,
+        content_type: str,
+        filename: str | None = None,
+        slot: asyncio.Semaphore | None = None,
+    ) -> str:
         """Upload to the media repository; returns the ``mxc://`` URI."""
         params = {"filename": filename} if filename else None
         result = await self.request(
-            "POST", MEDIA_UPLOAD, params=params, data=data, content_type=content_type
+            "POST", MEDIA_UPLOAD, params=params, data=data, content_type=content_type, slot=slot
         )
         return str(result["content_uri"])
 
@@ -372,33 +379,8 @@ class MatrixClient:
             return raw
 
     async def fetch_url(self, url: str, max_bytes: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:
-        """Download network media from http(s) only (never file:// or others); no token sent."""
-        scheme = url.split(":", 1)[0].lower()
-        if scheme not in ("http", "https"):
-            raise MediaError(f"refusing to fetch media from a {scheme}: URL (only http/https)")
-        delay = 0.5
-        for attempt in range(5):
-            try:
-                async with self._session.get(url) as resp:
-                    if resp.status >= 500 and attempt < 4:
-                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    if resp.status != 200:
-                        raise MediaError(f"media URL answered HTTP {resp.status}")
-                    chunks = []
-                    total = 0
-                    async for chunk in resp.content.iter_chunked(65536):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise MediaError(f"media is larger than {max_bytes} bytes")
-                        chunks.append(chunk)
-                    ctype = resp.headers.get("Content-Type", "application/octet-stream")
-                    return b"".join(chunks), ctype.split(";")[0].strip()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                if attempt == 4:
-                    raise MediaError(f"cannot fetch media: {type(exc).__name__}") from None
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise MediaError("cannot fetch media")
+        """Download network media (see ``media.fetch_url``); no token is sent."""
+        return await fetch_url(self._session, url, max_bytes)
 
     async def messages(
         self,

@@ -14,8 +14,8 @@ import orjson
 from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.ghosts import ghost_user_id, room_alias
 from connectors.matrix.registration import load_registration
-from connectors.matrix.sink import run_sink
-from connectors.matrix.store import Store
+from connectors.matrix.runner import run_sink
+from connectors.matrix.store import SinkStore
 from tests.helpers import read_raw
 from tests.sink_helpers import (
     BASE_TS,
@@ -40,7 +40,7 @@ def portal_id() -> str:
 
 
 async def room_of(settings: Settings, portal: str) -> str:
-    store = await Store.open(settings.database.url)
+    store = await SinkStore.open(settings.database.url)
     try:
         room = await store.room(f"{NET}:{portal}")
     finally:
@@ -132,7 +132,7 @@ async def test_idempotent_room_creation_and_replay(stack: Settings) -> None:
     assert stats.sent == 0 and stats.skipped == 5 and stats.rooms_created == 0
     room = await room_of(stack, portal)
     # A fresh database (state lost) still finds the room through its alias.
-    store = await Store.open(stack.database.url)
+    store = await SinkStore.open(stack.database.url)
     await store.pool.execute("DELETE FROM sink_rooms")
     await store.close()
     await publish(stack, [create(portal)])
@@ -276,7 +276,7 @@ async def test_in_doubt_sends_are_settled_not_resent(stack: Settings) -> None:
     await publish(stack, cmds)
     await run_sink(stack, idle_exit=1.5)
     room = await room_of(stack, portal)
-    store = await Store.open(stack.database.url)
+    store = await SinkStore.open(stack.database.url)
     try:
         await store.pool.execute(
             """WITH gone AS (DELETE FROM sink_messages WHERE message_id <> 'a' RETURNING *)

@@ -31,8 +31,10 @@ from connectors.matrix.ghosts import (
     parse_ghost,
     unescape,
 )
+from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
-from connectors.matrix.sink import OffsetTracker, txn_id
+from connectors.matrix.send import txn_id
+from connectors.sink_runtime import Committer
 from tests.conftest import unique
 from tests.fault_proxy import FaultProxy
 from topics.records import Content, NetworkMessage, Sender
@@ -256,16 +258,42 @@ def test_offset_tracker_commits_below_first_unfinished() -> None:
     for o in (10, 11, 12, 13):
         tr.add(tp, o)
     tr.done(tp, 12)
-    assert tr.to_commit() == {}
+    assert tr.positions() == {}
     tr.done(tp, 10)
-    assert tr.to_commit() == {tp: 11}
-    tr.committed({tp: 11})
-    assert tr.to_commit() == {}
+    assert tr.positions() == {tp: 11}
     tr.done(tp, 11)
-    assert tr.to_commit() == {tp: 13}
+    assert tr.positions() == {tp: 13}
     assert tr.pending == 1
     tr.forget({tp})
-    assert tr.pending == 0 and tr.to_commit() == {}
+    assert tr.pending == 0 and tr.positions() == {}
+
+
+async def test_committer_commits_durable_positions_once() -> None:
+    """The runtime commits what the task's flush() says, skips repeats and unowned partitions."""
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    commits: list[dict[TopicPartition, int]] = []
+
+    class Consumer:
+        def assignment(self) -> set[TopicPartition]:
+            return {tp}
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            commits.append(dict(offsets))
+
+    class Task:
+        positions: dict[TopicPartition, int] = {}
+
+        def flush(self) -> dict[TopicPartition, int]:
+            return dict(self.positions)
+
+    task = Task()
+    committer = Committer(Consumer(), task)  # type: ignore[arg-type]
+    task.positions = {tp: 11, other: 5}
+    await committer.commit()
+    await committer.commit()  # nothing new: no second commit
+    task.positions = {tp: 13, other: 5}
+    await committer.commit()
+    assert commits == [{tp: 11}, {tp: 13}]
 
 
 # ---------------------------------------------------------------- client
