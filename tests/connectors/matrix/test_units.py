@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 from aiokafka import TopicPartition
 
+from backflow.cli.sink import progress_printer
 from backflow.stack.synapse import Appservice, Synapse
 from connectors.matrix.client import (
     MAX_500_RETRIES,
@@ -34,6 +35,7 @@ from connectors.matrix.ghosts import (
 from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
 from connectors.matrix.send import txn_id
+from connectors.matrix.stats import SinkStats
 from connectors.sink_runtime import Committer
 from tests.conftest import unique
 from tests.fault_proxy import FaultProxy
@@ -167,6 +169,19 @@ def msg(content: Content, **kw: object) -> NetworkMessage:
             '<span data-mx-spoiler="" style="color:red">s</span>',
             '<span data-mx-spoiler="">s</span>',
         ),
+        # the spec's attribute lists, per tag
+        ('<font color="red" face="x">f</font>', '<font color="red">f</font>'),
+        ('<ol start="3" type="a"><li>x</li></ol>', '<ol start="3"><li>x</li></ol>'),
+        ('<img src="mxc://hs/a" onerror="x()">', '<img src="mxc://hs/a">'),
+        ("<strike>x</strike><s>y</s>", "<strike>x</strike><s>y</s>"),
+        # link schemes: https http ftp mailto magnet; mxc only for img src
+        ('<a href="ftp://h/f">f</a>', '<a href="ftp://h/f">f</a>'),
+        ('<a href="magnet:?xt=urn:x">m</a>', '<a href="magnet:?xt=urn:x">m</a>'),
+        ('<a href="mxc://hs/a">m</a>', "<a>m</a>"),
+        ('<a href="data:text/html,x">d</a>', "<a>d</a>"),
+        ('<a href="https://x" target="_top">t</a>', '<a href="https://x">t</a>'),
+        ("<mx-reply><blockquote>quoted</blockquote></mx-reply>reply", "reply"),
+        ("<!-- hidden --><b>c</b>", "<b>c</b>"),
     ],
 )
 def test_sanitize_html(html: str, clean: str) -> None:
@@ -244,6 +259,18 @@ def test_media_location_relations() -> None:
 
 
 # ---------------------------------------------------------------- sink internals
+
+
+def test_progress_line_moves_with_sends() -> None:
+    """All commands can be fetched long before they are sent: sends alone must print."""
+    lines: list[str] = []
+    progress = progress_printer(lines.append, interval=0.0)
+    stats = SinkStats(commands=2400)
+    progress(stats)
+    progress(stats)  # nothing moved: no line
+    stats.count_send("net:p")
+    progress(stats)
+    assert len(lines) == 2 and "1 sent" in lines[1] and "net:p 1" in lines[1]
 
 
 def test_txn_ids_deterministic() -> None:
