@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from connectors.matrix.media import MAX_MEDIA_BYTES, MediaError, fetch_url
+from connectors.matrix.media import MediaError, MediaPolicy, fetch_url, media_session
 
 log = logging.getLogger("backflow.sink.client")
 
@@ -81,6 +81,7 @@ class MatrixClient:
         max_retry_delay: float = 600.0,
         timeout: float = 120.0,
         connections: int = 100,
+        media_policy: MediaPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = as_token
@@ -92,6 +93,10 @@ class MatrixClient:
             timeout=aiohttp.ClientTimeout(total=timeout),
         )
         self.stats = {"requests": 0, "rate_limited": 0, "transient": 0}
+        # Network media gets its own session: its resolver refuses non-public
+        # addresses, which the homeserver (often on localhost) must not be.
+        self.media_policy = media_policy or MediaPolicy()
+        self._media: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> MatrixClient:
         return self
@@ -101,6 +106,8 @@ class MatrixClient:
 
     async def close(self) -> None:
         await self._session.close()
+        if self._media is not None:
+            await self._media.close()
 
     def scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -378,9 +385,11 @@ class MatrixClient:
                 )
             return raw
 
-    async def fetch_url(self, url: str, max_bytes: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:
-        """Download network media (see ``media.fetch_url``); no token is sent."""
-        return await fetch_url(self._session, url, max_bytes)
+    async def fetch_url(self, url: str) -> tuple[bytes, str]:
+        """Download network media under ``media_policy`` (see ``media.fetch_url``); no token."""
+        if self._media is None:
+            self._media = media_session(self.media_policy)
+        return await fetch_url(self._media, url, self.media_policy)
 
     async def messages(
         self,

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable
+from connectors.matrix.media import MediaPolicy
 from connectors.matrix.registration import Registration, RegistrationError, load_registration
 from connectors.matrix.sink import MatrixSink, SinkError
 from connectors.matrix.stats import SinkStats
@@ -15,6 +16,15 @@ from connectors.matrix.store import SinkStore, StoreUnreachable
 from connectors.sink_runtime import Committer, Rebalance, run_task
 from topics import bus
 from topics.settings import Settings
+
+
+def media_policy(settings: Settings) -> MediaPolicy:
+    try:
+        return MediaPolicy.parse(
+            settings.sink.media_allow, settings.sink.media_max_bytes, settings.sink.media_timeout_s
+        )
+    except ValueError as exc:
+        raise SinkError(f"sink.media_allow: {exc}") from None
 
 
 async def open_client(settings: Settings, registration: Registration) -> MatrixClient:
@@ -30,6 +40,7 @@ async def open_client(settings: Settings, registration: Registration) -> MatrixC
         settings.homeserver.server_name,
         registration.sender_localpart,
         max_retry_delay=settings.sink.max_retry_delay_s,
+        media_policy=media_policy(settings),
     )
     try:
         await client.versions()

@@ -24,6 +24,7 @@ from connectors.matrix.settle import scan, settle_startup
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import Intent, Mapped, SinkStore
 from topics.records import NetworkMessage
+from topics.retry import Verdict, classify
 
 log = logging.getLogger("backflow.sink")
 
@@ -44,7 +45,9 @@ def refusal(exc: Exception) -> str:
     """The dead-letter reason for a message the homeserver (or its input) refused."""
     if isinstance(exc, MatrixError):
         return f"homeserver refused: {exc.errcode}: {exc.error} (HTTP {exc.status})"
-    return str(exc)
+    if isinstance(exc, MediaError | Unresolvable):
+        return str(exc)
+    return f"refused: {type(exc).__name__}: {exc}"
 
 
 DeadLetter = Callable[[WorkItem, str], Awaitable[None]]
@@ -98,7 +101,13 @@ class MessageSender:
                 msg = item.command.message  # type: ignore[union-attr]
                 try:
                     event_id, sender = await self.send_one(room, key, msg, intent)
-                except (MatrixError, MediaError, Unresolvable) as exc:
+                except Exception as exc:
+                    # Refused for good (the homeserver said no, bad media, a value
+                    # our database rejects such as a NUL in a display name): dead
+                    # letter, the rest keeps flowing. Transient trouble propagates
+                    # and the batch is retried.
+                    if classify(exc) is not Verdict.PERMANENT:
+                        raise
                     await self.dead_letter(item, refusal(exc))
                     failed.append(intent)
                     continue

@@ -32,6 +32,7 @@ from connectors.matrix.ghosts import (
     parse_ghost,
     unescape,
 )
+from connectors.matrix.media import MediaPolicy, fetch_url, media_session
 from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
 from connectors.matrix.send import txn_id
@@ -611,3 +612,87 @@ async def test_connection_errors_retry_then_unreachable() -> None:
             await client.fetch_url("file:///etc/passwd")
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------- media (SSRF)
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("224.0.0.1", False),
+        ("240.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fe80::1", False),
+        ("93.184.215.14", True),
+        ("2606:4700::1111", True),
+    ],
+)
+def test_media_policy_refuses_non_public(address: str, public: bool) -> None:
+    assert MediaPolicy().address_allowed(address) is public
+
+
+def test_media_policy_allow_list() -> None:
+    policy = MediaPolicy.parse("Media.LAN, 10.2.0.0/16", 10, 1.0)
+    assert policy.host_allowed("media.lan") and policy.address_allowed("10.2.3.4")
+    assert not policy.address_allowed("10.3.0.1")
+    with pytest.raises(ValueError):
+        MediaPolicy.parse("10.0.0.0/99", 10, 1.0)
+
+
+async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 100, content_type="image/png")
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{port}/ok")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response(body=b"late")
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/hop", hop)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def fetch(url: str, policy: MediaPolicy) -> tuple[bytes, str]:
+        session = media_session(policy)
+        try:
+            return await fetch_url(session, url, policy)
+        finally:
+            await session.close()
+
+    try:
+        default = MediaPolicy()
+        for url in (f"http://127.0.0.1:{port}/ok", f"http://localhost:{port}/ok"):
+            with pytest.raises(MediaError, match="not a public address"):
+                await fetch(url, default)  # IP literal, and a name resolving to loopback
+        trusted = MediaPolicy(allow=("localhost",), max_bytes=1000, timeout_s=1.0)
+        assert await fetch(f"http://localhost:{port}/ok", trusted) == (b"x" * 100, "image/png")
+        # An allowed host redirecting to a refused address: refused after the redirect.
+        with pytest.raises(MediaError, match="not a public address"):
+            await fetch(f"http://localhost:{port}/hop", trusted)
+        small = MediaPolicy(allow=("localhost",), max_bytes=10, timeout_s=1.0)
+        with pytest.raises(MediaError, match="larger than 10 bytes"):
+            await fetch(f"http://localhost:{port}/ok", small)
+        quick = MediaPolicy(allow=("localhost",), timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(MediaError, match="cannot fetch"):
+            await fetch(f"http://localhost:{port}/slow", quick)
+        assert time.monotonic() - started < 20  # 5 bounded attempts with backoff
+    finally:
+        await runner.cleanup()
