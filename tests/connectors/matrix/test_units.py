@@ -721,3 +721,44 @@ def test_room_buffer_pauses_only_the_partitions_feeding_a_full_room() -> None:
     while len(big.queue) >= ROOM_BUFFER // 2:
         big.take_batch()
     assert big.blocking == set()  # half drained: the partition resumes
+
+
+async def test_429_gives_the_room_slot_back_while_waiting() -> None:
+    """A rate-limited request does not hold the concurrency slot during Retry-After."""
+    from aiohttp import web
+
+    calls = 0
+
+    async def limited(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.json_response(
+                {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"},
+                status=429,
+                headers={"Retry-After": "1"},
+            )
+        return web.json_response({"event_id": "$e"})
+
+    app = web.Application()
+    app.router.add_put("/_matrix/client/v3/rooms/{room}/send/{type}/{txn}", limited)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = MatrixClient(f"http://127.0.0.1:{port}", TOKEN, "hs", "bot")
+    slot = asyncio.Semaphore(1)
+    try:
+        task = asyncio.create_task(client.send("!r:hs", "m.room.message", {}, "t", slot=slot))
+        deadline = time.monotonic() + 5
+        while calls < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert not task.done() and not slot.locked()  # waiting, slot free for others
+        async with slot:  # another room can take it meanwhile
+            pass
+        assert await task == "$e" and client.stats["rate_limited"] == 1
+    finally:
+        await client.close()
+        await runner.cleanup()
