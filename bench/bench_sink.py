@@ -55,7 +55,7 @@ from backflow.stack.synapse import (  # noqa: E402
 )
 from connectors.matrix.client import MatrixClient  # noqa: E402
 from connectors.matrix.ghosts import ghost_localpart  # noqa: E402
-from connectors.matrix.sink import run_sink  # noqa: E402
+from connectors.matrix.runner import run_sink  # noqa: E402
 from topics import bus  # noqa: E402
 from topics.provision import provision  # noqa: E402
 from topics.records import Content, CreateRoom, Member, NetworkMessage, Sender, SendMessage  # noqa: E402

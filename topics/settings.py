@@ -63,6 +63,11 @@ class BackfillSettings:
 class SinkSettings:
     max_rooms_in_flight: int = 8
     max_retry_delay_s: float = 600.0
+    # Media URLs in records are fetched from public addresses only; list the
+    # internal hosts or networks you trust, comma-separated ("media.lan,10.2.0.0/16").
+    media_allow: str = ""
+    media_max_bytes: int = 100 * 1024 * 1024
+    media_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,8 +19,10 @@ import click
 from connectors.matrix.client import MatrixError
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
-from connectors.matrix.sink import SinkError, SinkStats, open_client, run_sink
-from connectors.matrix.store import Store, StoreUnreachable
+from connectors.matrix.runner import open_client, run_sink
+from connectors.matrix.sink import SinkError
+from connectors.matrix.stats import SinkStats
+from connectors.matrix.store import SinkStore, StoreUnreachable
 from topics.settings import Settings
 
 PROGRESS_INTERVAL = 10.0
@@ -33,6 +36,25 @@ def _settings(ctx: click.Context) -> Settings:
     return settings
 
 
+def progress_printer(
+    echo: Any = click.echo, interval: float = PROGRESS_INTERVAL
+) -> Callable[[SinkStats], None]:
+    """The sink's progress line: at most every ``interval`` s, whenever anything moved."""
+    last: list = [float("-inf"), None]
+
+    def progress(stats: SinkStats) -> None:
+        now = time.monotonic()
+        # Print when anything moved, sends included: all commands may be
+        # fetched long before they are sent.
+        seen = (stats.commands, stats.sent, stats.dead_letters)
+        if now - last[0] >= interval and seen != last[1]:
+            last[0], last[1] = now, seen
+            rooms = ", ".join(f"{k} {n}" for k, n in sorted(stats.per_room.items())[:10])
+            echo(f"sink: {stats.summary()}" + (f" | {rooms}" if rooms else ""))
+
+    return progress
+
+
 async def sink_until_signal(settings: Settings, echo: Any = click.echo) -> SinkStats:
     """Run the sink until SIGINT/SIGTERM, echoing room progress and a periodic summary."""
     stop = asyncio.Event()
@@ -44,14 +66,7 @@ async def sink_until_signal(settings: Settings, echo: Any = click.echo) -> SinkS
             handled.append(sig)
         except (RuntimeError, NotImplementedError, ValueError):
             pass  # not the main thread (embedded use): the caller stops us
-    last = [0.0, -1]
-
-    def progress(stats: SinkStats) -> None:
-        now = time.monotonic()
-        if now - last[0] >= PROGRESS_INTERVAL and stats.commands != last[1]:
-            last[0], last[1] = now, stats.commands
-            rooms = ", ".join(f"{k} {n}" for k, n in sorted(stats.per_room.items())[:10])
-            echo(f"sink: {stats.summary()}" + (f" | {rooms}" if rooms else ""))
+    progress = progress_printer(echo)
 
     try:
         stats = await run_sink(settings, stop=stop, on_progress=progress)
@@ -111,7 +126,7 @@ async def _find_room(settings: Settings, client: Any, alias_prefix: str, value: 
             raise SinkError(f"no room has the alias {value}")
         return room
     try:
-        store = await Store.open(settings.database.url, size=1)
+        store = await SinkStore.open(settings.database.url, size=1)
     except StoreUnreachable as exc:
         raise SinkError(str(exc)) from None
     try:

@@ -26,12 +26,15 @@ import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from contextlib import nullcontext
 from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
 import orjson
 from yarl import URL
+
+from connectors.matrix.media import MediaError, MediaPolicy, fetch_url, media_session
 
 log = logging.getLogger("backflow.sink.client")
 
@@ -40,7 +43,6 @@ MEDIA_UPLOAD = "/_matrix/media/v3/upload"
 MEDIA_DOWNLOAD = "/_matrix/client/v1/media/download"
 _TRANSIENT_STATUS = frozenset({502, 503, 504, 408})
 MAX_500_RETRIES = 5
-MAX_MEDIA_BYTES = 100 * 1024 * 1024
 
 Settle = Callable[[], Awaitable[dict[str, Any] | None]]
 
@@ -61,10 +63,6 @@ class MatrixUnreachable(Exception):
     """The homeserver does not answer at all (used for startup checks)."""
 
 
-class MediaError(ValueError):
-    """A media URL that must not or cannot be fetched."""
-
-
 def q(segment: str) -> str:
     """Percent-encode one path segment (room ids, aliases, event ids ...)."""
     return quote(segment, safe="")
@@ -83,6 +81,7 @@ class MatrixClient:
         max_retry_delay: float = 600.0,
         timeout: float = 120.0,
         connections: int = 100,
+        media_policy: MediaPolicy | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self._token = as_token
@@ -94,6 +93,10 @@ class MatrixClient:
             timeout=aiohttp.ClientTimeout(total=timeout),
         )
         self.stats = {"requests": 0, "rate_limited": 0, "transient": 0}
+        # Network media gets its own session: its resolver refuses non-public
+        # addresses, which the homeserver (often on localhost) must not be.
+        self.media_policy = media_policy or MediaPolicy()
+        self._media: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> MatrixClient:
         return self
@@ -103,6 +106,8 @@ class MatrixClient:
 
     async def close(self) -> None:
         await self._session.close()
+        if self._media is not None:
+            await self._media.close()
 
     def scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
@@ -124,8 +129,14 @@ class MatrixClient:
         as_user: str | None = None,
         settle: Settle | None = None,
         retry_transient: bool = True,
+        slot: asyncio.Semaphore | None = None,
     ) -> dict[str, Any]:
-        """One API call with the retry policy described in the module docstring."""
+        """One API call with the retry policy described in the module docstring.
+
+        ``slot`` (the sink's per-room concurrency semaphore) is held only while
+        an attempt is on the wire: waiting out a 429 or a backoff gives it back,
+        so a rate-limited room does not keep another room from sending.
+        """
         query = dict(params or {})
         if as_user is not None and as_user != self.bot:
             query["user_id"] = as_user
@@ -142,8 +153,9 @@ class MatrixClient:
         while True:
             self.stats["requests"] += 1
             problem: str
+            wait: float | None = None
             try:
-                async with self._session.request(
+                async with slot or nullcontext(), self._session.request(
                     method, URL(url, encoded=True), data=body, headers=headers
                 ) as resp:
                     raw = await resp.read()
@@ -160,9 +172,8 @@ class MatrixClient:
                         delay = _retry_after(resp.headers.get("Retry-After"), payload)
                         delay = min(delay, self.max_retry_delay)
                         log.debug("429 on %s %s, waiting %.2fs", method, path, delay)
-                        await asyncio.sleep(delay)
-                        continue  # rejected before any effect: safe to repeat
-                    if status in _TRANSIENT_STATUS or (
+                        wait = delay
+                    elif status in _TRANSIENT_STATUS or (
                         status >= 500 and errors_500 < MAX_500_RETRIES
                     ):
                         if status not in _TRANSIENT_STATUS:
@@ -172,6 +183,9 @@ class MatrixClient:
                         raise MatrixError(status, errcode, error, method, path)
             except (TimeoutError, aiohttp.ClientError, OSError) as exc:
                 problem = self.scrub(f"{type(exc).__name__}: {exc}")
+            if wait is not None:
+                await asyncio.sleep(wait)  # outside the slot
+                continue  # rejected before any effect: safe to repeat
             # Transient failure: the request may or may not have taken effect.
             self.stats["transient"] += 1
             if not retry_transient:
@@ -288,16 +302,6 @@ class MatrixClient:
         data = await self.request("GET", f"{CLIENT}/rooms/{q(room_id)}/joined_members")
         return set((data.get("joined") or {}).keys())
 
-    async def set_state(
-        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
-    ) -> str:
-        data = await self.request(
-            "PUT",
-            f"{CLIENT}/rooms/{q(room_id)}/state/{q(event_type)}/{q(state_key)}",
-            json=content,
-        )
-        return str(data["event_id"])
-
     async def send(
         self,
         room_id: str,
@@ -308,6 +312,7 @@ class MatrixClient:
         as_user: str | None = None,
         ts: int | None = None,
         settle: Settle | None = None,
+        slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Send one event with a stable txn id and a massaged timestamp; returns its id."""
         params: dict[str, Any] = {}
@@ -320,6 +325,7 @@ class MatrixClient:
             json=content,
             as_user=as_user,
             settle=settle,
+            slot=slot,
         )
         return str(data["event_id"])
 
@@ -332,6 +338,7 @@ class MatrixClient:
         *,
         as_user: str | None = None,
         settle: Settle | None = None,
+        slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Redact an event. The endpoint takes no ``ts``: redactions carry the current time."""
         data = await self.request(
@@ -340,14 +347,21 @@ class MatrixClient:
             json=content,
             as_user=as_user,
             settle=settle,
+            slot=slot,
         )
         return str(data["event_id"])
 
-    async def upload(self, data: bytes, content_type: str, filename: str | None = None) -> str:
+    async def upload(
+        self,
+        data: bytes,
+        content_type: str,
+        filename: str | None = None,
+        slot: asyncio.Semaphore | None = None,
+    ) -> str:
         """Upload to the media repository; returns the ``mxc://`` URI."""
         params = {"filename": filename} if filename else None
         result = await self.request(
-            "POST", MEDIA_UPLOAD, params=params, data=data, content_type=content_type
+            "POST", MEDIA_UPLOAD, params=params, data=data, content_type=content_type, slot=slot
         )
         return str(result["content_uri"])
 
@@ -371,34 +385,11 @@ class MatrixClient:
                 )
             return raw
 
-    async def fetch_url(self, url: str, max_bytes: int = MAX_MEDIA_BYTES) -> tuple[bytes, str]:
-        """Download network media from http(s) only (never file:// or others); no token sent."""
-        scheme = url.split(":", 1)[0].lower()
-        if scheme not in ("http", "https"):
-            raise MediaError(f"refusing to fetch media from a {scheme}: URL (only http/https)")
-        delay = 0.5
-        for attempt in range(5):
-            try:
-                async with self._session.get(url) as resp:
-                    if resp.status >= 500 and attempt < 4:
-                        raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status)
-                    if resp.status != 200:
-                        raise MediaError(f"media URL answered HTTP {resp.status}")
-                    chunks = []
-                    total = 0
-                    async for chunk in resp.content.iter_chunked(65536):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise MediaError(f"media is larger than {max_bytes} bytes")
-                        chunks.append(chunk)
-                    ctype = resp.headers.get("Content-Type", "application/octet-stream")
-                    return b"".join(chunks), ctype.split(";")[0].strip()
-            except (TimeoutError, aiohttp.ClientError) as exc:
-                if attempt == 4:
-                    raise MediaError(f"cannot fetch media: {type(exc).__name__}") from None
-                await asyncio.sleep(delay)
-                delay *= 2
-        raise MediaError("cannot fetch media")
+    async def fetch_url(self, url: str) -> tuple[bytes, str]:
+        """Download network media under ``media_policy`` (see ``media.fetch_url``); no token."""
+        if self._media is None:
+            self._media = media_session(self.media_policy)
+        return await fetch_url(self._media, url, self.media_policy)
 
     async def messages(
         self,

@@ -24,7 +24,15 @@ stable, but no longer reversible (``parse_ghost`` returns None for the id).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
+
+from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.media import MediaError, media_uri
+from connectors.matrix.store import SinkStore
+
+log = logging.getLogger("backflow.sink")
 
 MAX_MXID = 255
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789.-/")
@@ -128,3 +136,60 @@ def parse_ghost(user_prefix: str, user_id: str) -> tuple[str, str | None] | None
         return network, unescape(escaped)
     except ValueError:
         return None
+
+
+# ---------------------------------------------------------------- registry
+
+
+class Ghosts:
+    """Registers ghosts once and keeps their profiles as the network last said.
+
+    The store remembers what we set (so a restart does not re-set every
+    profile); an in-process cache avoids the database on the hot path.
+    """
+
+    def __init__(self, client: MatrixClient, store: SinkStore, user_prefix: str) -> None:
+        self.client = client
+        self.store = store
+        self.user_prefix = user_prefix
+        self.server = client.server_name
+        self._cache: dict[str, tuple[str | None, str | None]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure(
+        self, network: str, sender_id: str, name: str | None, avatar: str | None
+    ) -> str:
+        """Register the ghost once and keep its profile up to date; returns its user id."""
+        local = ghost_localpart(self.user_prefix, network, sender_id, self.server)
+        user_id = f"@{local}:{self.server}"
+        cached = self._cache.get(user_id)
+        if (
+            cached is not None
+            and (name is None or cached[0] == name)
+            and (avatar is None or cached[1] == avatar)
+        ):
+            return user_id
+        lock = self._locks.setdefault(user_id, asyncio.Lock())
+        async with lock:  # two rooms meeting the same new ghost register it once
+            cached = self._cache.get(user_id)
+            if cached is None:
+                row = await self.store.ghost(user_id)
+                if row is not None:
+                    cached = (row["displayname"], row["avatar_source"])
+            if cached is None:
+                await self.client.register(local)
+                cached = (None, None)
+            new_name = name if name is not None else cached[0]
+            new_avatar = avatar if avatar is not None else cached[1]
+            if new_name is not None and new_name != cached[0]:
+                await self.client.set_displayname(user_id, new_name)
+            if new_avatar is not None and new_avatar != cached[1]:
+                try:
+                    mxc = await media_uri(self.client, new_avatar)
+                    await self.client.set_avatar(user_id, mxc)
+                except (MediaError, MatrixError) as exc:
+                    log.warning("avatar for %s not set: %s", user_id, exc)
+            if (new_name, new_avatar) != cached or await self.store.ghost(user_id) is None:
+                await self.store.save_ghost(user_id, new_name, new_avatar)
+            self._cache[user_id] = (new_name, new_avatar)
+        return user_id

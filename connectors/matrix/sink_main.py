@@ -13,7 +13,8 @@ import logging
 import signal
 import sys
 
-from connectors.matrix.sink import SinkError, run_sink
+from connectors.matrix.runner import run_sink
+from connectors.matrix.sink import SinkError
 from topics.settings import SettingsError, load
 
 

@@ -80,12 +80,14 @@ class Intent:
     txn_id: str
 
 
-class Store:
+class SinkStore:
+    """The sink's Postgres state (see the module docstring); one pool per process."""
+
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
 
     @classmethod
-    async def open(cls, url: str | None, size: int = 10) -> Store:
+    async def open(cls, url: str | None, size: int = 10) -> SinkStore:
         if not url:
             raise StoreUnreachable(
                 "no database configured: set database.url (BACKFLOW_DATABASE_URL)"
@@ -109,9 +111,6 @@ class Store:
         return await self.pool.fetchval(
             "SELECT room_id FROM sink_rooms WHERE portal_key = $1", portal_key
         )
-
-    async def rooms(self) -> list[asyncpg.Record]:
-        return await self.pool.fetch("SELECT * FROM sink_rooms ORDER BY created_at")
 
     async def room_by_alias_or_id(self, value: str) -> asyncpg.Record | None:
         return await self.pool.fetchrow(

@@ -20,8 +20,8 @@ from pathlib import Path
 
 from backflow.stack.synapse import Synapse
 from connectors.matrix.content import SOURCE_KEY
-from connectors.matrix.sink import run_sink
-from connectors.matrix.store import Store
+from connectors.matrix.runner import run_sink
+from connectors.matrix.store import SinkStore
 from tests.helpers import REPO
 from tests.sink_helpers import (
     BASE_TS,
@@ -56,7 +56,7 @@ async def publish_backfill(settings: Settings, data: dict[str, list], senders: i
 
 
 async def mapped_count(settings: Settings) -> int:
-    store = await Store.open(settings.database.url, size=1)
+    store = await SinkStore.open(settings.database.url, size=1)
     try:
         return int(await store.pool.fetchval("SELECT count(*) FROM sink_messages"))
     finally:
@@ -65,7 +65,7 @@ async def mapped_count(settings: Settings) -> int:
 
 async def check_rooms(settings: Settings, data: dict[str, list]) -> int:
     """Every message exactly once, in order, with its ts; returns the events checked."""
-    store = await Store.open(settings.database.url, size=1)
+    store = await SinkStore.open(settings.database.url, size=1)
     checked = 0
     try:
         async with client_for(settings) as client:
@@ -88,7 +88,7 @@ async def check_rooms(settings: Settings, data: dict[str, list]) -> int:
 
 
 async def in_flight(settings: Settings) -> int:
-    store = await Store.open(settings.database.url, size=1)
+    store = await SinkStore.open(settings.database.url, size=1)
     try:
         return int(await store.pool.fetchval("SELECT count(*) FROM sink_intents"))
     finally:

@@ -14,8 +14,8 @@ import orjson
 from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.ghosts import ghost_user_id, room_alias
 from connectors.matrix.registration import load_registration
-from connectors.matrix.sink import run_sink
-from connectors.matrix.store import Store
+from connectors.matrix.runner import run_sink
+from connectors.matrix.store import SinkStore
 from tests.helpers import read_raw
 from tests.sink_helpers import (
     BASE_TS,
@@ -40,7 +40,7 @@ def portal_id() -> str:
 
 
 async def room_of(settings: Settings, portal: str) -> str:
-    store = await Store.open(settings.database.url)
+    store = await SinkStore.open(settings.database.url)
     try:
         room = await store.room(f"{NET}:{portal}")
     finally:
@@ -132,7 +132,7 @@ async def test_idempotent_room_creation_and_replay(stack: Settings) -> None:
     assert stats.sent == 0 and stats.skipped == 5 and stats.rooms_created == 0
     room = await room_of(stack, portal)
     # A fresh database (state lost) still finds the room through its alias.
-    store = await Store.open(stack.database.url)
+    store = await SinkStore.open(stack.database.url)
     await store.pool.execute("DELETE FROM sink_rooms")
     await store.close()
     await publish(stack, [create(portal)])
@@ -276,7 +276,7 @@ async def test_in_doubt_sends_are_settled_not_resent(stack: Settings) -> None:
     await publish(stack, cmds)
     await run_sink(stack, idle_exit=1.5)
     room = await room_of(stack, portal)
-    store = await Store.open(stack.database.url)
+    store = await SinkStore.open(stack.database.url)
     try:
         await store.pool.execute(
             """WITH gone AS (DELETE FROM sink_messages WHERE message_id <> 'a' RETURNING *)
@@ -335,3 +335,36 @@ async def test_show_and_clear_errors(stack: Settings) -> None:
         assert result.exit_code == 1
         assert result.output.strip().startswith("Error: cannot reach the homeserver")
         assert "Traceback" not in result.output
+
+
+async def test_value_the_database_refuses_is_dead_lettered_not_retried(stack: Settings) -> None:
+    """Issue 10, item 2: a NUL in a display name is refused by Postgres, for good.
+
+    It is dead-lettered with its real source and key; the portal's other
+    messages still arrive, in order, as read back from Synapse.
+    """
+    portal = portal_id()
+    msgs = [
+        text(portal, "n0", "frank", BASE_TS + 1, "before"),
+        text(portal, "n1", "nul", BASE_TS + 2, "poison", name="Bad\x00Name"),
+        text(portal, "n2", "frank", BASE_TS + 3, "after"),
+    ]
+    await publish(stack, [create(portal, [("frank", "Frank")]), *sends(msgs)])
+    # Retried forever, this would never go idle: bound it.
+    stats = await asyncio.wait_for(run_sink(stack, idle_exit=2.0), timeout=120)
+    assert stats.sent == 2 and stats.dead_letters == 1, stats
+
+    room = await room_of(stack, portal)
+    async with client_for(stack) as client:
+        events = await room_messages(client, room)
+        assert bodies(events) == ["before", "after"]
+
+    letters = [decode(v) for _, v in await read_raw(stack, stack.catalog.dead_letters)]
+    mine = [d for d in letters if d.key == f"{NET}:{portal}"]
+    assert len(mine) == 1, mine
+    letter = mine[0]
+    assert letter.stage == "sink" and "poison" in letter.original
+    assert "0x00" in letter.reason or "NUL" in letter.reason or "\\x00" in letter.reason, letter
+    assert letter.source is not None
+    assert letter.source.startswith(f"{stack.catalog.matrix_commands}[")
+    assert "@" in letter.source

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, quote, unquote, urlsplit
 import pytest
 from aiokafka import TopicPartition
 
+from backflow.cli.sink import progress_printer
 from backflow.stack.synapse import Appservice, Synapse
 from connectors.matrix.client import (
     MAX_500_RETRIES,
@@ -31,8 +32,12 @@ from connectors.matrix.ghosts import (
     parse_ghost,
     unescape,
 )
+from connectors.matrix.media import MediaPolicy, fetch_url, media_session
+from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
-from connectors.matrix.sink import OffsetTracker, txn_id
+from connectors.matrix.send import txn_id
+from connectors.matrix.stats import SinkStats
+from connectors.sink_runtime import Committer
 from tests.conftest import unique
 from tests.fault_proxy import FaultProxy
 from topics.records import Content, NetworkMessage, Sender
@@ -165,6 +170,19 @@ def msg(content: Content, **kw: object) -> NetworkMessage:
             '<span data-mx-spoiler="" style="color:red">s</span>',
             '<span data-mx-spoiler="">s</span>',
         ),
+        # the spec's attribute lists, per tag
+        ('<font color="red" face="x">f</font>', '<font color="red">f</font>'),
+        ('<ol start="3" type="a"><li>x</li></ol>', '<ol start="3"><li>x</li></ol>'),
+        ('<img src="mxc://hs/a" onerror="x()">', '<img src="mxc://hs/a">'),
+        ("<strike>x</strike><s>y</s>", "<strike>x</strike><s>y</s>"),
+        # link schemes: https http ftp mailto magnet; mxc only for img src
+        ('<a href="ftp://h/f">f</a>', '<a href="ftp://h/f">f</a>'),
+        ('<a href="magnet:?xt=urn:x">m</a>', '<a href="magnet:?xt=urn:x">m</a>'),
+        ('<a href="mxc://hs/a">m</a>', "<a>m</a>"),
+        ('<a href="data:text/html,x">d</a>', "<a>d</a>"),
+        ('<a href="https://x" target="_top">t</a>', '<a href="https://x">t</a>'),
+        ("<mx-reply><blockquote>quoted</blockquote></mx-reply>reply", "reply"),
+        ("<!-- hidden --><b>c</b>", "<b>c</b>"),
     ],
 )
 def test_sanitize_html(html: str, clean: str) -> None:
@@ -244,6 +262,18 @@ def test_media_location_relations() -> None:
 # ---------------------------------------------------------------- sink internals
 
 
+def test_progress_line_moves_with_sends() -> None:
+    """All commands can be fetched long before they are sent: sends alone must print."""
+    lines: list[str] = []
+    progress = progress_printer(lines.append, interval=0.0)
+    stats = SinkStats(commands=2400)
+    progress(stats)
+    progress(stats)  # nothing moved: no line
+    stats.count_send("net:p")
+    progress(stats)
+    assert len(lines) == 2 and "1 sent" in lines[1] and "net:p 1" in lines[1]
+
+
 def test_txn_ids_deterministic() -> None:
     a = txn_id("!r:hs", "net:p", "m1", 0)
     assert a == txn_id("!r:hs", "net:p", "m1", 0)
@@ -256,16 +286,42 @@ def test_offset_tracker_commits_below_first_unfinished() -> None:
     for o in (10, 11, 12, 13):
         tr.add(tp, o)
     tr.done(tp, 12)
-    assert tr.to_commit() == {}
+    assert tr.positions() == {}
     tr.done(tp, 10)
-    assert tr.to_commit() == {tp: 11}
-    tr.committed({tp: 11})
-    assert tr.to_commit() == {}
+    assert tr.positions() == {tp: 11}
     tr.done(tp, 11)
-    assert tr.to_commit() == {tp: 13}
+    assert tr.positions() == {tp: 13}
     assert tr.pending == 1
     tr.forget({tp})
-    assert tr.pending == 0 and tr.to_commit() == {}
+    assert tr.pending == 0 and tr.positions() == {}
+
+
+async def test_committer_commits_durable_positions_once() -> None:
+    """The runtime commits what the task's flush() says, skips repeats and unowned partitions."""
+    tp, other = TopicPartition("t", 0), TopicPartition("t", 1)
+    commits: list[dict[TopicPartition, int]] = []
+
+    class Consumer:
+        def assignment(self) -> set[TopicPartition]:
+            return {tp}
+
+        async def commit(self, offsets: dict[TopicPartition, int]) -> None:
+            commits.append(dict(offsets))
+
+    class Task:
+        positions: dict[TopicPartition, int] = {}
+
+        def flush(self) -> dict[TopicPartition, int]:
+            return dict(self.positions)
+
+    task = Task()
+    committer = Committer(Consumer(), task)  # type: ignore[arg-type]
+    task.positions = {tp: 11, other: 5}
+    await committer.commit()
+    await committer.commit()  # nothing new: no second commit
+    task.positions = {tp: 13, other: 5}
+    await committer.commit()
+    assert commits == [{tp: 11}, {tp: 13}]
 
 
 # ---------------------------------------------------------------- client
@@ -556,3 +612,153 @@ async def test_connection_errors_retry_then_unreachable() -> None:
             await client.fetch_url("file:///etc/passwd")
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------- media (SSRF)
+
+
+@pytest.mark.parametrize(
+    "address, public",
+    [
+        ("127.0.0.1", False),
+        ("10.1.2.3", False),
+        ("192.168.0.1", False),
+        ("169.254.169.254", False),  # cloud metadata
+        ("224.0.0.1", False),
+        ("240.0.0.1", False),
+        ("0.0.0.0", False),
+        ("::1", False),
+        ("::ffff:127.0.0.1", False),
+        ("fe80::1", False),
+        ("93.184.215.14", True),
+        ("2606:4700::1111", True),
+    ],
+)
+def test_media_policy_refuses_non_public(address: str, public: bool) -> None:
+    assert MediaPolicy().address_allowed(address) is public
+
+
+def test_media_policy_allow_list() -> None:
+    policy = MediaPolicy.parse("Media.LAN, 10.2.0.0/16", 10, 1.0)
+    assert policy.host_allowed("media.lan") and policy.address_allowed("10.2.3.4")
+    assert not policy.address_allowed("10.3.0.1")
+    with pytest.raises(ValueError):
+        MediaPolicy.parse("10.0.0.0/99", 10, 1.0)
+
+
+async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
+    from aiohttp import web
+
+    async def ok(request: web.Request) -> web.Response:
+        return web.Response(body=b"x" * 100, content_type="image/png")
+
+    async def hop(request: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://127.0.0.1:{port}/ok")
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(3)
+        return web.Response(body=b"late")
+
+    app = web.Application()
+    app.router.add_get("/ok", ok)
+    app.router.add_get("/hop", hop)
+    app.router.add_get("/slow", slow)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def fetch(url: str, policy: MediaPolicy) -> tuple[bytes, str]:
+        session = media_session(policy)
+        try:
+            return await fetch_url(session, url, policy)
+        finally:
+            await session.close()
+
+    try:
+        default = MediaPolicy()
+        for url in (f"http://127.0.0.1:{port}/ok", f"http://localhost:{port}/ok"):
+            with pytest.raises(MediaError, match="not a public address"):
+                await fetch(url, default)  # IP literal, and a name resolving to loopback
+        trusted = MediaPolicy(allow=("localhost",), max_bytes=1000, timeout_s=1.0)
+        assert await fetch(f"http://localhost:{port}/ok", trusted) == (b"x" * 100, "image/png")
+        # An allowed host redirecting to a refused address: refused after the redirect.
+        with pytest.raises(MediaError, match="not a public address"):
+            await fetch(f"http://localhost:{port}/hop", trusted)
+        small = MediaPolicy(allow=("localhost",), max_bytes=10, timeout_s=1.0)
+        with pytest.raises(MediaError, match="larger than 10 bytes"):
+            await fetch(f"http://localhost:{port}/ok", small)
+        quick = MediaPolicy(allow=("localhost",), timeout_s=0.3)
+        started = time.monotonic()
+        with pytest.raises(MediaError, match="cannot fetch"):
+            await fetch(f"http://localhost:{port}/slow", quick)
+        assert time.monotonic() - started < 20  # 5 bounded attempts with backoff
+    finally:
+        await runner.cleanup()
+
+
+def test_room_buffer_pauses_only_the_partitions_feeding_a_full_room() -> None:
+    """Backpressure is per room: a full portal blocks its partition, others keep flowing."""
+    from connectors.matrix.queues import ROOM_BUFFER, PortalQueue, WorkItem
+    from topics.records import SendMessage
+
+    tp = TopicPartition("t", 0)
+    big, small = PortalQueue("net:big"), PortalQueue("net:small")
+
+    def item(portal: str, offset: int, part: TopicPartition) -> WorkItem:
+        m = msg(Content(kind="text", body="x"))
+        m = NetworkMessage(
+            network="net", portal=portal, id=f"m{offset}", sender=m.sender, ts=m.ts,
+            content=m.content,
+        )
+        return WorkItem(part, offset, b"", SendMessage(message=m))
+
+    for o in range(ROOM_BUFFER):
+        big.push(item("big", o, tp))
+    small.push(item("small", 0, TopicPartition("t", 1)))
+    assert big.blocking == {tp} and small.blocking == set()
+    while len(big.queue) >= ROOM_BUFFER // 2:
+        big.take_batch()
+    assert big.blocking == set()  # half drained: the partition resumes
+
+
+async def test_429_gives_the_room_slot_back_while_waiting() -> None:
+    """A rate-limited request does not hold the concurrency slot during Retry-After."""
+    from aiohttp import web
+
+    calls = 0
+
+    async def limited(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.json_response(
+                {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"},
+                status=429,
+                headers={"Retry-After": "1"},
+            )
+        return web.json_response({"event_id": "$e"})
+
+    app = web.Application()
+    app.router.add_put("/_matrix/client/v3/rooms/{room}/send/{type}/{txn}", limited)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    client = MatrixClient(f"http://127.0.0.1:{port}", TOKEN, "hs", "bot")
+    slot = asyncio.Semaphore(1)
+    try:
+        task = asyncio.create_task(client.send("!r:hs", "m.room.message", {}, "t", slot=slot))
+        deadline = time.monotonic() + 5
+        while calls < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert not task.done() and not slot.locked()  # waiting, slot free for others
+        async with slot:  # another room can take it meanwhile
+            pass
+        assert await task == "$e" and client.stats["rate_limited"] == 1
+    finally:
+        await client.close()
+        await runner.cleanup()

@@ -1,0 +1,124 @@
+"""Portal rooms: find or create the room, keep ghosts joined, announce RoomCreated."""
+
+from __future__ import annotations
+
+import logging
+
+from aiokafka import AIOKafkaProducer
+
+from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.ghosts import Ghosts, alias_localpart
+from connectors.matrix.media import MediaError, media_uri
+from connectors.matrix.queues import PortalQueue, RoomState
+from connectors.matrix.settle import settle_startup
+from connectors.matrix.stats import SinkStats
+from connectors.matrix.store import SinkStore
+from topics import bus
+from topics.records import CreateRoom, RoomCreated
+
+log = logging.getLogger("backflow.sink")
+
+
+class Rooms:
+    """Everything about a portal's room except its messages."""
+
+    def __init__(
+        self,
+        client: MatrixClient,
+        store: SinkStore,
+        ghosts: Ghosts,
+        stats: SinkStats,
+        producer: AIOKafkaProducer,
+        portal_events: str,
+        alias_prefix: str,
+    ) -> None:
+        self.client = client
+        self.store = store
+        self.ghosts = ghosts
+        self.stats = stats
+        self.producer = producer
+        self.portal_events = portal_events
+        self.alias_prefix = alias_prefix
+        self.server = client.server_name
+
+    async def ensure_member(self, room: RoomState, user_id: str) -> None:
+        """Make sure ``user_id`` is joined before it speaks (invite if needed)."""
+        if room.joined is None:
+            room.joined = await self.client.joined_members(room.room_id)
+        if user_id in room.joined:
+            return
+        try:
+            await self.client.join(room.room_id, user_id)
+        except MatrixError as exc:
+            if exc.status != 403:
+                raise
+            try:
+                await self.client.invite(room.room_id, user_id)
+            except MatrixError as inv:
+                if "already" not in inv.error:  # "already in the room" is fine
+                    raise
+            await self.client.join(room.room_id, user_id)
+        room.joined.add(user_id)
+
+    async def state(self, portal: PortalQueue, network: str, portal_id: str) -> RoomState:
+        """The portal's room, loaded from the store (or created if it never was)."""
+        if portal.room is None:
+            room_id = await self.store.room(portal.key)
+            if room_id is None:
+                # A send before its CreateRoom (should not happen): make the room
+                # rather than lose the message.
+                await self.create(portal, CreateRoom(network=network, portal=portal_id))
+                assert portal.room is not None
+                return portal.room
+            alias = alias_localpart(self.alias_prefix, network, portal_id, self.server)
+            portal.room = RoomState(room_id, f"#{alias}:{self.server}")
+            portal.room.last_event = await self.store.newest_event(room_id)
+        return portal.room
+
+    async def create(self, portal: PortalQueue, cmd: CreateRoom) -> None:
+        """Find or create the room (the alias is the idempotency key), join members."""
+        key = cmd.key
+        ghosts = [
+            await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
+            for m in cmd.members
+        ]
+        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        alias = f"#{local}:{self.server}"
+        room_id = await self.store.room(key)
+        if room_id is None:
+            avatar = None
+            if cmd.avatar_url:
+                try:
+                    avatar = await media_uri(self.client, cmd.avatar_url)
+                except (MediaError, MatrixError) as exc:
+                    log.warning("room avatar for %s not set: %s", key, exc)
+            room_id, created = await self.client.create_room(
+                local, name=cmd.name, topic=cmd.topic, invite=ghosts, avatar_mxc=avatar
+            )
+            await self.store.save_room(key, cmd.network, cmd.portal, room_id, alias)
+            if created:
+                self.stats.rooms_created += 1
+                log.info("portal %s: created room %s (%s)", key, room_id, alias)
+            else:
+                self.stats.rooms_found += 1
+                log.info("portal %s: found existing room %s (%s)", key, room_id, alias)
+        else:
+            self.stats.rooms_found += 1
+        room = portal.room
+        if room is None or room.room_id != room_id:
+            room = portal.room = RoomState(room_id, alias)
+            room.last_event = await self.store.newest_event(room_id)
+        # Members join now, before any of them speaks (joins take no ts).
+        for ghost in ghosts:
+            await self.ensure_member(room, ghost)
+        await settle_startup(self.client, self.store, self.stats, portal.key, room)
+        last_ts = await self.store.last_bridged_ts(room_id, key)
+        event = RoomCreated(
+            network=cmd.network,
+            portal=cmd.portal,
+            room_id=room_id,
+            alias=alias,
+            last_bridged_ts=last_ts,
+        )
+        future = await bus.send(self.producer, self.portal_events, event)
+        await future

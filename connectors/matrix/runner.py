@@ -1,0 +1,123 @@
+"""Wiring: registration, homeserver client, store, broker, then the runtime loop."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable
+from connectors.matrix.media import MediaPolicy
+from connectors.matrix.registration import Registration, RegistrationError, load_registration
+from connectors.matrix.sink import MatrixSink, SinkError
+from connectors.matrix.stats import SinkStats
+from connectors.matrix.store import SinkStore, StoreUnreachable
+from connectors.sink_runtime import Committer, Rebalance, run_task
+from topics import bus
+from topics.settings import Settings
+
+
+def media_policy(settings: Settings) -> MediaPolicy:
+    try:
+        return MediaPolicy.parse(
+            settings.sink.media_allow, settings.sink.media_max_bytes, settings.sink.media_timeout_s
+        )
+    except ValueError as exc:
+        raise SinkError(f"sink.media_allow: {exc}") from None
+
+
+async def open_client(settings: Settings, registration: Registration) -> MatrixClient:
+    """A client for the configured homeserver, checked to answer and accept our token."""
+    if not settings.homeserver.url or not settings.homeserver.server_name:
+        raise SinkError(
+            "no homeserver configured: set homeserver.url and homeserver.server_name "
+            "(BACKFLOW_HOMESERVER_URL, BACKFLOW_HOMESERVER_SERVER_NAME)"
+        )
+    client = MatrixClient(
+        settings.homeserver.url,
+        registration.as_token,
+        settings.homeserver.server_name,
+        registration.sender_localpart,
+        max_retry_delay=settings.sink.max_retry_delay_s,
+        media_policy=media_policy(settings),
+    )
+    try:
+        await client.versions()
+    except MatrixUnreachable as exc:
+        await client.close()
+        raise SinkError(
+            f"cannot reach the homeserver at {settings.homeserver.url}: {exc}"
+        ) from None
+    except MatrixError as exc:
+        await client.close()
+        raise SinkError(
+            f"the homeserver at {settings.homeserver.url} refused the appservice token: "
+            f"{exc.errcode}: {exc.error}"
+        ) from None
+    return client
+
+
+async def run_sink(
+    settings: Settings,
+    stop: asyncio.Event | None = None,
+    idle_exit: float | None = None,
+    on_progress: Callable[[SinkStats], None] | None = None,
+) -> SinkStats:
+    """Consume the command topic until ``stop`` is set (or idle for ``idle_exit`` s).
+
+    Raises SinkError (one clear line) when the registration, homeserver,
+    database or broker is unusable at startup.
+    """
+    stop = stop or asyncio.Event()
+    stats = SinkStats()
+    try:
+        registration = load_registration(settings.appservice.registration)
+    except RegistrationError as exc:
+        raise SinkError(str(exc)) from None
+    client = await open_client(settings, registration)
+    store: SinkStore | None = None
+    producer: AIOKafkaProducer | None = None
+    consumer: AIOKafkaConsumer | None = None
+
+    def tick() -> None:
+        stats.rate_limited = client.stats["rate_limited"]
+        stats.transient = client.stats["transient"]
+        if on_progress is not None:
+            on_progress(stats)
+
+    try:
+        try:
+            store = await SinkStore.open(
+                settings.database.url, size=settings.sink.max_rooms_in_flight + 4
+            )
+        except StoreUnreachable as exc:
+            raise SinkError(str(exc)) from None
+        try:
+            producer = bus.producer(settings)
+            await bus.start(producer, settings)
+            consumer = bus.consumer(settings, group=settings.catalog.sink_group)
+        except bus.BusError as exc:
+            raise SinkError(str(exc)) from None
+        sink = MatrixSink(settings, registration, client, store, producer, stats)
+        await sink.start()
+        committer = Committer(consumer, sink)
+        consumer.subscribe(
+            [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
+        )
+        try:
+            await bus.start(consumer, settings)
+        except bus.BusError as exc:
+            raise SinkError(str(exc)) from None
+        await run_task(sink, consumer, committer, stop, idle_exit, tick)
+        return stats
+    finally:
+        stats.rate_limited = client.stats["rate_limited"]
+        stats.transient = client.stats["transient"]
+        if consumer is not None:
+            await consumer.stop()
+        if producer is not None:
+            await producer.stop()
+        if store is not None:
+            await store.close()
+        await client.close()
