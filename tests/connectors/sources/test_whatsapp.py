@@ -124,10 +124,13 @@ def test_ios_marks_and_narrow_spaces() -> None:
 
 
 def test_ambiguous_dates_default_day_first_and_option() -> None:
-    records, _, _ = read(SAMPLES / "ambiguous.txt")
+    records, _, source = read(SAMPLES / "ambiguous.txt")
     assert [m.ts for m in messages(records)] == [ms(2024, 2, 1, 10), ms(2024, 4, 3, 10)]
-    records, _, _ = read(SAMPLES / "ambiguous.txt", date_order="mdy")
+    (warning,) = source.warnings
+    assert "date order is a guess, dmy" in warning and "-o date_order=mdy|dmy|ymd" in warning
+    records, _, source = read(SAMPLES / "ambiguous.txt", date_order="mdy")
     assert [m.ts for m in messages(records)] == [ms(2024, 1, 2, 10), ms(2024, 3, 4, 10)]
+    assert source.warnings == []
 
 
 def test_conflicting_dates_name_the_file() -> None:
@@ -159,7 +162,7 @@ def test_bad_options() -> None:
     with pytest.raises(SourceError, match="unknown time zone"):
         read(SAMPLES / "ambiguous.txt", tz="Mars/Olympus")
     with pytest.raises(SourceError, match="date_order"):
-        read(SAMPLES / "ambiguous.txt", date_order="ymd")
+        read(SAMPLES / "ambiguous.txt", date_order="ydm")
     with pytest.raises(SourceError, match="no such file"):
         read(SAMPLES / "missing.txt")
 
