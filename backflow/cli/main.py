@@ -215,6 +215,8 @@ def import_(
         click.echo("", err=True)
     for line in summary.lines():
         click.echo(line)
+    for warning in source.warnings:  # e.g. a guessed date order, naming the option
+        click.echo(f"warning: {warning}", err=True)
     _warn_embedded_retention(settings_of(ctx), summary.messages)
 
 

@@ -25,7 +25,7 @@ _ENCRYPTION_BANNER = re.compile(
     re.I,
 )
 _OMITTED = re.compile(
-    r"^(<Media omitted>|(image|video|audio|sticker|GIF|document|Contact card) omitted)$", re.I
+    r"^<?(Media|image|video|audio|sticker|GIF|document|Contact card) omitted>?$", re.I
 )
 _DELETED = re.compile(r"^(This message was deleted\.?|You deleted this message\.?)$", re.I)
 _EDITED_SUFFIX = re.compile(r"\s*<This message was edited>$")

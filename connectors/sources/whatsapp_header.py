@@ -267,6 +267,8 @@ class OrderEvidence:
 
     def decide(self) -> Decision:
         """The order to read the file in, and why; ``certain`` False means a guess."""
+        if self.headers == 0:  # month names only: the order is in the words
+            return Decision("dmy", True, "no numeric dates")
         possible = {o: r for o, r in self.readings.items() if r.possible}
         if not possible:
             lines = {o: r.first_line for o, r in self.readings.items() if o != "ymd"}

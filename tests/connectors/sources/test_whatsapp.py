@@ -292,7 +292,9 @@ def test_endless_line_in_a_zip_is_rejected_with_memory_bounded(tmp_path: Path) -
         zf.writestr(
             "WhatsApp Chat with Alice.txt",
             b"01/02/2024, 10:00 - Alice: before\n"
-            + b"01/02/2024, 10:01 - Bob: " + b"x" * 60_000_000 + b"\n"
+            + b"01/02/2024, 10:01 - Bob: "
+            + b"x" * 60_000_000
+            + b"\n"
             + b"01/02/2024, 10:02 - Alice: after\n",
         )
     assert archive.stat().st_size < 1_000_000
@@ -341,9 +343,7 @@ def test_rejected_header_ends_the_message_before_it(tmp_path: Path) -> None:
 def test_undecodable_header_ends_the_message_before_it(tmp_path: Path) -> None:
     path = tmp_path / "chat.txt"
     path.write_bytes(
-        b"01/02/2024, 10:00 - Alice: mine\n"
-        b"01/02/2024, 10:01 - Bob: \xff\n"
-        b"his second line\n"
+        b"01/02/2024, 10:00 - Alice: mine\n01/02/2024, 10:01 - Bob: \xff\nhis second line\n"
     )
     records, rejected, _ = read(path)
     assert [m.content.body for m in messages(records)] == ["mine"]
@@ -394,3 +394,156 @@ def test_chat_text_in_an_unreadable_entry_is_a_source_error(tmp_path: Path) -> N
     _flag_central_entry(archive, "WhatsApp Chat with Alice.txt", 10, 9)  # Deflate64
     with pytest.raises(SourceError, match="compression method 9"):
         read(archive)
+
+
+LOCALES = SAMPLES / "locales"
+_FIRST_SECOND = [("Ann", "first"), ("Bo", "second")]
+
+
+@pytest.mark.parametrize(
+    "sample, first, second, options",
+    [
+        ("ios old 12h", (2016, 7, 1, 16, 56, 55), (2016, 7, 2, 9, 5, 1), {}),
+        ("ios old 24h", (2015, 6, 13, 10, 59, 59), (2015, 6, 14, 8, 0), {}),
+        ("arabic", (2023, 12, 31, 21, 41), (2024, 1, 1, 0, 5), {}),
+        ("time first", (2022, 3, 18, 14, 56, 1), (2022, 3, 19, 9, 0), {}),
+        ("buddhist", (2022, 12, 31, 21, 41), (2023, 1, 1, 8, 0), {}),
+        ("finnish", (2018, 6, 13, 21, 25, 15), (2018, 6, 14, 8, 0), {}),
+        ("croatian", (2018, 6, 13, 21, 25, 15), (2018, 6, 14, 8, 0), {}),
+        ("dots in times", (2018, 6, 13, 14, 31), (2018, 6, 14, 8, 0), {}),
+        ("month day", (2023, 3, 5, 20, 11), (2023, 3, 6, 8, 0), {"year": "2023"}),
+        ("day month", (2023, 3, 18, 12, 14), (2023, 3, 19, 8, 0), {"year": "2023"}),
+        ("hour zero", (2020, 1, 2, 12, 24), (2020, 1, 3, 0, 8), {}),
+        ("chinese", (2023, 12, 31, 21, 41), (2024, 1, 1, 8, 0), {}),
+    ],
+)
+def test_header_layouts_of_other_locales(
+    sample: str, first: tuple, second: tuple, options: dict[str, str]
+) -> None:
+    records, rejected, _ = read(LOCALES / f"WhatsApp Chat with Ann ({sample}).txt", **options)
+    assert rejected == []
+    got = [(m.sender.name, m.ts, m.content.body.split("\n")[0]) for m in messages(records)]
+    assert got == [
+        ("Ann", ms(*first), "first"),
+        ("Bo", ms(*second), "second"),
+    ]
+
+
+def test_old_ios_layout_keeps_phone_number_senders_and_continuations() -> None:
+    records, rejected, _ = read(LOCALES / "WhatsApp Chat with Ann (ios old phone).txt")
+    assert rejected == []
+    assert summary(records) == [
+        ("+55 61 8121-3457", ms(2016, 4, 26, 16, 23, 3), "notice", "image omitted"),
+        ("Ann", ms(2016, 4, 27, 8), "text", "second"),
+    ]
+    records, _, _ = read(LOCALES / "WhatsApp Chat with Ann (ios old 12h).txt")
+    assert [m.content.body for m in messages(records)] == ["first", "second\nstill Bo"]
+
+
+def test_a_file_starting_without_a_date_still_imports() -> None:
+    records, rejected, _ = read(LOCALES / "WhatsApp Chat with Ann (starts without date).txt")
+    assert [m.content.body for m in messages(records)] == ["first", "second"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        (
+            "WhatsApp Chat with Ann (starts without date).txt:1",
+            "text before the first message header",
+        )
+    ]
+
+
+def _chat(tmp_path: Path, name: str, lines: list[str]) -> Path:
+    path = tmp_path / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def test_july_in_month_first_12_hour_dates_is_not_read_as_january_to_november(
+    tmp_path: Path,
+) -> None:
+    """Every date fits both orders; the 12-hour clock with unpadded dates says month first."""
+    lines = [
+        f"7/{day}/17, {h}:14 {ap} - Ann: day {day}"
+        for day in range(1, 12)
+        for h, ap in ((12, "AM"), (2, "PM"))
+    ]
+    records, rejected, source = read(_chat(tmp_path, "chat.txt", lines))
+    assert rejected == []
+    stamps = [m.ts for m in messages(records)]
+    assert stamps[0] == ms(2017, 7, 1, 0, 14) and stamps[-1] == ms(2017, 7, 11, 14, 14)
+    (warning,) = source.warnings
+    assert "guess, mdy" in warning and "-o date_order=mdy|dmy|ymd" in warning
+
+
+def test_time_going_backwards_rules_an_order_out_without_a_warning(tmp_path: Path) -> None:
+    # Month first: Jan 2, Mar 2, Feb 3 goes back a month. Day first: Feb 1, Feb 3, Mar 2.
+    lines = ["1/2/20, 10:00 - Ann: a", "3/2/20, 10:00 - Bo: b", "2/3/20, 10:00 - Ann: c"]
+    records, _, source = read(_chat(tmp_path, "chat.txt", lines))
+    assert [m.ts for m in messages(records)] == [
+        ms(2020, 2, 1, 10),
+        ms(2020, 2, 3, 10),
+        ms(2020, 3, 2, 10),
+    ]
+    assert source.warnings == []
+
+
+def test_month_names_without_a_year_count_back_from_the_export_date(tmp_path: Path) -> None:
+    import os
+
+    path = _chat(
+        tmp_path,
+        "chat.txt",
+        [
+            "Dec 30, 8:11 PM - Ann: old year",
+            "Jan 2, 9:00 AM - Bo: new year",
+        ],
+    )
+    written = datetime(2024, 3, 1, tzinfo=UTC).timestamp()
+    os.utime(path, (written, written))
+    records, _, source = read(path)
+    assert [m.ts for m in messages(records)] == [ms(2023, 12, 30, 20, 11), ms(2024, 1, 2, 9)]
+    (warning,) = source.warnings
+    assert "no year" in warning and "-o year=YYYY" in warning
+
+
+def test_unzipped_ios_chats_do_not_merge_into_one_portal(tmp_path: Path) -> None:
+    """Every unzipped iOS export is called _chat.txt: the folder names the chat."""
+    line = "[1/3/20, 10:00:00] {}: hi"
+    alice = _chat(tmp_path, "WhatsApp Chat - Alice/_chat.txt", [line.format("Alice")])
+    bob = _chat(tmp_path, "WhatsApp Chat - Bob/_chat.txt", [line.format("Bob")])
+    portals = {read(p)[0][0].portal for p in (alice, bob)}
+    assert portals == {portal_id("Alice"), portal_id("Bob")}
+    assert read(alice)[0][0].name == "Alice"
+
+
+def test_ios_chat_without_a_title_is_named_by_its_own_system_line(tmp_path: Path) -> None:
+    lines = [
+        "[1/3/20, 10:00:00] Family: \u200eMessages and calls are end-to-end encrypted.",
+        "[1/3/20, 10:01:00] Family: \u200eYour security code with Bob changed.",
+        "[1/3/20, 10:02:00] Bob: hi",
+    ]
+    records, _, source = read(_chat(tmp_path, "export/_chat.txt", lines))
+    assert records[0].portal == portal_id("Family") and records[0].name == "Family"
+    assert summary(records) == [
+        ("WhatsApp", ms(2020, 3, 1, 10, 1), "notice", "Your security code with Bob changed."),
+        ("Bob", ms(2020, 3, 1, 10, 2), "text", "hi"),
+    ]
+    assert not any("portal id" in w for w in source.warnings)
+
+
+def test_chat_without_any_title_hashes_its_participants(tmp_path: Path) -> None:
+    one = _chat(tmp_path, "a/_chat.txt", ["[1/3/20, 10:00:00] Ann: hi"])
+    two = _chat(tmp_path, "b/a/_chat.txt", ["[1/3/20, 10:00:00] Bo: hi"])
+    (first, _, source), (second, _, _) = read(one), read(two)
+    assert first[0].portal != second[0].portal
+    assert any("-o portal=ID" in w for w in source.warnings)
+    assert read(one, portal="fam")[0][0].portal == "fam"
+
+
+def test_empty_message_is_rejected_with_file_and_line(tmp_path: Path) -> None:
+    path = _chat(tmp_path, "chat.txt", ["01/02/2024, 10:00 - Ann: ", "01/02/2024, 10:01 - Bo: ok"])
+    records, rejected, _ = read(path)
+    assert [m.content.body for m in messages(records)] == ["ok"]
+    assert [(r.where, r.reason) for r in rejected] == [
+        ("chat.txt:1", "empty message: a header with no text after the name")
+    ]
