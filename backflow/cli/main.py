@@ -15,6 +15,7 @@ from pathlib import Path
 
 import click
 
+from backflow.cli.terminal import printable
 from connectors.publish import ImportSummary
 from connectors.source import SourceError, available
 from topics import bus
@@ -202,7 +203,7 @@ def import_(
         nonlocal shown
         shown += 1
         if shown <= 20:
-            click.echo(f"\rrejected {where}: {reason}", err=True)
+            click.echo(f"\rrejected {printable(where)}: {printable(reason)}", err=True)
         elif shown == 21:
             click.echo("\r(further rejections only counted)", err=True)
 
@@ -216,7 +217,7 @@ def import_(
     for line in summary.lines():
         click.echo(line)
     for warning in source.warnings:  # e.g. a guessed date order, naming the option
-        click.echo(f"warning: {warning}", err=True)
+        click.echo(f"warning: {printable(warning)}", err=True)
     _warn_embedded_retention(settings_of(ctx), summary.messages)
 
 

@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 
 import click
 
+from backflow.cli.terminal import printable
 from topics.settings import Settings
 
 
@@ -46,7 +47,7 @@ def status(ctx: click.Context, portal: str | None, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
-        click.echo("no portal" + (f" matching {portal!r}" if portal else "s yet"))
+        click.echo("no portal" + (f" matching {printable(repr(portal))}" if portal else "s yet"))
         if portal:
             ctx.exit(1)
         return
@@ -56,8 +57,8 @@ def status(ctx: click.Context, portal: str | None, as_json: bool) -> None:
         dropped = sum(r["dropped"].values())
         error = r["last_error"] or (f"({dropped} dropped)" if dropped else "")
         click.echo(
-            f"{r['portal']:<32} {r['state']:<17} {r['held']:>7} {r['released']:>9} "
-            f"{_ts(r['last_bridged_ts']):<20} {error}"
+            f"{printable(r['portal']):<32} {r['state']:<17} {r['held']:>7} {r['released']:>9} "
+            f"{_ts(r['last_bridged_ts']):<20} {printable(error)}"
         )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from backflow.cli.terminal import printable
 from connectors.matrix.client import MatrixError
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
@@ -174,4 +175,4 @@ def show_command(ctx: click.Context, portal_or_room: str) -> None:
     except SinkError as exc:
         raise click.ClickException(str(exc)) from None
     for line in lines:
-        click.echo(line)
+        click.echo(printable(line))

@@ -99,3 +99,41 @@ async def test_telegram_export_lands_in_order(running):
     await import_and_check(
         settings, children, "telegram", SAMPLES / "telegram" / "single" / "result.json"
     )
+
+
+async def test_whatsapp_hard_cases_land_right_in_their_rooms(running, tmp_path):
+    """Issue cases read back from Synapse: July stays July, _chat.txt files stay apart,
+    and a refused header's lines never join the message before it."""
+    from datetime import UTC, datetime
+
+    from connectors.sources.whatsapp import portal_id
+
+    settings, children = running
+    july = tmp_path / "WhatsApp Chat with July.txt"
+    july.write_text("".join(f"7/{d}/17, 2:11 PM - Ann: day {d}\n" for d in range(1, 12)))
+    await import_and_check(settings, children, "whatsapp", july)
+    events = await portal_timeline(settings, "whatsapp", portal_id("July"))
+    months = {datetime.fromtimestamp(e["origin_server_ts"] / 1000, UTC).month for e in events}
+    assert months == {7} and len(events) == 11
+
+    chats = []
+    for name in ("Alice", "Bob"):
+        chat = tmp_path / f"WhatsApp Chat - {name}" / "_chat.txt"
+        chat.parent.mkdir()
+        chat.write_text(f"[1/3/20, 10:00:00] {name}: only {name}\n")
+        await import_and_check(settings, children, "whatsapp", chat)
+        chats.append(await portal_timeline(settings, "whatsapp", portal_id(name)))
+    assert [[e["content"]["body"] for e in room] for room in chats] == [
+        ["only Alice"], ["only Bob"]
+    ]
+
+    refused = tmp_path / "WhatsApp Chat with Refused.txt"
+    refused.write_text(
+        "01/02/2024, 10:00 - Ann: mine\n"
+        "01/02/2024, 25:61 - Bo: his\n"
+        "and his second line\n"
+        "01/02/2024, 10:02 - Ann: mine again\n"
+    )
+    await import_and_check(settings, children, "whatsapp", refused)
+    room = await portal_timeline(settings, "whatsapp", portal_id("Refused"))
+    assert [e["content"]["body"] for e in room] == ["mine", "mine again"]

@@ -201,3 +201,30 @@ async def test_nul_in_portal_id_is_dead_lettered_and_later_portals_still_flow(
     assert mine[0]["stage"] == "pipeline"
     assert mine[0]["source"].startswith(f"{settings.catalog.history}[")
     assert "U+0000" in worker.log()  # logged at WARNING through the backflow logger
+
+
+async def test_status_never_prints_a_strangers_escape_sequences(
+    shared: tuple[Settings, Worker, CommandDriver],
+):
+    """A portal id carrying terminal escapes reaches `backflow status` escaped, not raw."""
+    from tests.helpers import backflow_cli
+
+    settings, worker, sink = shared
+    portal = unique("esc") + "\x1b]0;owned\x07\u202e"
+    key = f"testnet:{portal}"
+    await publish(
+        settings, settings.catalog.history, [info(portal), msg(portal, "m1", BASE_TS), done(portal)]
+    )
+    await sink.wait_for(lambda: len(sink.creates(key)) == 1, workers=(worker,))
+    result = backflow_cli(settings, "status")
+    assert result.returncode == 0, result.stderr
+    assert "\x1b" not in result.stdout and "\u202e" not in result.stdout
+    assert "\\x1b]0;owned\\x07\\u202e" in result.stdout
+
+
+def test_printable_escapes_controls_and_bidi_overrides():
+    from backflow.cli.terminal import printable
+
+    assert printable("ok: naïve 😀 日本") == "ok: naïve 😀 日本"
+    assert printable("a\nb\r\x00\x7f\x9b[2J") == "a\\x0ab\\x0d\\x00\\x7f\\x9b[2J"
+    assert printable("\u202eevil\u2066") == "\\u202eevil\\u2066"
