@@ -24,13 +24,27 @@ _ENCRYPTION_BANNER = re.compile(
     r"secured with end-to-end encryption|.{0,40}uses a default timer for disappearing)",
     re.I,
 )
+# "Media omitted" as phones of several locales write it (Android in <>).
 _OMITTED = re.compile(
-    r"^<?(Media|image|video|audio|sticker|GIF|document|Contact card) omitted>?$", re.I
+    r"^<?(Media|image|video|audio|sticker|GIF|document|Contact card) omitted>?$"
+    r"|^<(Medien weggelassen|Media weggelaten|Multimedia omitido|Arquivo de mídia oculto"
+    r"|Mídia oculta|Médias omis|Media omessi|Medya dahil edilmedi|Без медиафайлов"
+    r"|Pominięto multimedia|Media tidak disertakan)>$",
+    re.I,
 )
 _DELETED = re.compile(r"^(This message was deleted\.?|You deleted this message\.?)$", re.I)
 _EDITED_SUFFIX = re.compile(r"\s*<This message was edited>$")
-_ANDROID_ATTACHED = re.compile(r"^(?P<file>\S.*?\.\w{1,6}) \(file attached\)$")
-_IOS_ATTACHED = re.compile(r"<attached: (?P<file>[^>]+)>")
+# Android: "IMG-1.jpg (file attached)" in the phone's language.
+_ATTACHED_WORDS = (
+    "file attached|Datei angehängt|bestand bijgevoegd|archivo adjunto|arquivo anexado"
+    "|fichier joint|file allegato|dosya ekli|файл прикреплён|файл прикреплен|plik załączony"
+    "|file terlampir"
+)
+_ANDROID_ATTACHED = re.compile(rf"^(?P<file>\S.*?\.\w{{1,6}}) \((?:{_ATTACHED_WORDS})\)$", re.I)
+# The same shape with words we do not know: an attachment only if the file is there.
+_ANDROID_MAYBE = re.compile(r"^(?P<file>\S.*?\.\w{1,6}) \([^()]{1,40}\)$")
+# iOS: "<attached: NAME>", also "< attached: NAME >" and "‹attached: NAME>".
+_IOS_ATTACHED = re.compile(r"[<\u2039]\s*attached:\s*(?P<file>[^>\u203a]+?)\s*[>\u203a]", re.I)
 _LOCATION = re.compile(
     r"^location: https://maps\.google\.com/\?q=(?P<lat>-?\d+(?:\.\d+)?),(?P<lon>-?\d+(?:\.\d+)?)$",
     re.I,
@@ -78,10 +92,15 @@ def message_content(
     body = _EDITED_SUFFIX.sub("", body)
     if _DELETED.match(body):
         return sender, None
-    if _OMITTED.match(body):
-        return sender, Content(kind="notice", body=body.strip("<>"))
     first, _, caption = body.partition("\n")
+    if _OMITTED.match(first):
+        notice = first.strip("<>") + (f"\n{caption.strip()}" if caption.strip() else "")
+        return sender, Content(kind="notice", body=notice)
     attached = _ANDROID_ATTACHED.match(first)
+    if attached is None:
+        maybe = _ANDROID_MAYBE.match(first)
+        if maybe is not None and export.has_media(maybe.group("file")):
+            attached = maybe
     if attached:
         return sender, _media(export, attached.group("file"), caption.strip(), stats)
     ios = _IOS_ATTACHED.search(first)

@@ -176,6 +176,17 @@ class ChatExport:
             return None
         return read_bounded(beside, MAX_INLINE_BYTES)
 
+    def has_media(self, name: str) -> bool:
+        """Whether ``name`` is a file of this export (without reading it)."""
+        if not safe_member_name(name) or "/" in name or "\\" in name:
+            return False
+        if self.zip is not None:
+            return name in self.entries
+        try:
+            return ExportFolder(self.path.parent).locate(name) is not None
+        except ValueError:  # OutsideExport: not ours
+            return False
+
     def close(self) -> None:
         if self.zip is not None:
             self.zip.close()

@@ -547,3 +547,29 @@ def test_empty_message_is_rejected_with_file_and_line(tmp_path: Path) -> None:
     assert [(r.where, r.reason) for r in rejected] == [
         ("chat.txt:1", "empty message: a header with no text after the name")
     ]
+
+
+@pytest.mark.parametrize(
+    "line, kind, body",
+    [
+        ("IMG-1.jpg (Datei angehängt)", "media", "IMG-1.jpg"),
+        ("IMG-1.jpg (bestand bijgevoegd)", "media", "IMG-1.jpg"),
+        ("IMG-1.jpg (fichier rattaché)", "media", "IMG-1.jpg"),  # unknown words, file present
+        ("IMG-2.jpg (fichier rattaché)", "text", "IMG-2.jpg (fichier rattaché)"),  # no such file
+        ("< attached: IMG-1.jpg >", "media", "IMG-1.jpg"),
+        ("\u2039attached: IMG-1.jpg>", "media", "IMG-1.jpg"),
+        ("<Medien weggelassen>", "notice", "Medien weggelassen"),
+        ("<Media omitted>\nlook at this", "notice", "Media omitted\nlook at this"),
+    ],
+)
+def test_attachments_and_omitted_media_in_other_locales(
+    tmp_path: Path, line: str, kind: str, body: str
+) -> None:
+    archive = tmp_path / "WhatsApp Chat with Ann.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("WhatsApp Chat with Ann.txt", f"01/02/2024, 10:00 - Ann: {line}\n")
+        zf.writestr("IMG-1.jpg", b"\xff\xd8\xff" + b"\0" * 10)
+    records, rejected, _ = read(archive)
+    assert rejected == []
+    (m,) = messages(records)
+    assert (m.content.kind, m.content.body) == (kind, body)
