@@ -80,6 +80,7 @@ CONVERSATION_SHAPE = {
     "topic": {"value": str},
     "purpose": {"value": str},
 }
+_FILE = {"id": str, "name": str, "title": str, "mode": str, "url_private": str, "permalink": str}
 MESSAGE_SHAPE = {
     "type": str,
     "subtype": str,
@@ -93,9 +94,9 @@ MESSAGE_SHAPE = {
     "bot_profile": {"name": str},
     "user_profile": _PROFILE,
     "attachments": [{"fallback": str, "text": str}],
-    "files": [
-        {"id": str, "name": str, "title": str, "mode": str, "url_private": str, "permalink": str}
-    ],
+    "files": [_FILE],
+    "file": _FILE,  # old file_share / file_comment messages: one file, singular
+    "comment": {"user": str, "comment": str},  # old file_comment: the author is here
     "reactions": [{"name": str, "users": [str]}],
 }
 # Files are streamed entry by entry; the caps only bound what one file may cost
@@ -317,11 +318,14 @@ class SlackSource(Source):
                 raise SourceError(f"{self.path.name}: damaged archive at {name}: {exc}") from None
 
     def _sender(self, msg: dict[str, Any]) -> Sender | None:
-        user = msg.get("user")
+        # Old file_comment messages carry their author in the comment.
+        user = msg.get("user") or (msg.get("comment") or {}).get("user")
         if msg.get("subtype") == "bot_message" or (not user and msg.get("bot_id")):
             bot = msg.get("bot_profile") or {}
-            name = msg.get("username") or bot.get("name")
-            ident = msg.get("bot_id") or (f"bot:{name}" if name else None)
+            bot_id = msg.get("bot_id")
+            # Old integrations post without a username: name them by their id.
+            name = msg.get("username") or bot.get("name") or (f"bot {bot_id}" if bot_id else None)
+            ident = bot_id or (f"bot:{name}" if name else None)
             return Sender(id=ident, name=name) if ident else None
         if not isinstance(user, str) or not user:
             return None
@@ -359,7 +363,7 @@ class SlackSource(Source):
             "thread": thread,
         }
 
-        text = msg.get("text") or ""
+        text = msg.get("text") or (msg.get("comment") or {}).get("comment") or ""
         if not text:
             # Bot posts often carry everything in attachments; their fallback is the text.
             text = "\n".join(
@@ -375,7 +379,8 @@ class SlackSource(Source):
                 kind = "emote"
             yield NetworkMessage(**base, content=Content(kind=kind, body=body, html=rich))
             part += 1
-        for file in msg.get("files") or ():
+        files = msg.get("files") or ([msg["file"]] if msg.get("file") else [])
+        for file in files:
             if not isinstance(file, dict) or file.get("mode") == "tombstone":
                 continue
             yield NetworkMessage(**base, part=part, content=self._file(file))

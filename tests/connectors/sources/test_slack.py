@@ -377,3 +377,57 @@ def test_metadata_entry_of_the_wrong_shape_is_one_rejection(
     good = messages(records)
     assert [m.content.body for m in good] == ["good"]
     assert good[0].sender.name == "ann"
+
+
+def _one_day(tmp_path: Path, entries: list[dict]) -> Path:
+    import json
+
+    archive = tmp_path / "x.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("users.json", '[{"id": "U1", "name": "ann"}]')
+        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
+        zf.writestr("c/2015-01-02.json", json.dumps(entries))
+    return archive
+
+
+def test_old_file_comment_takes_its_author_from_the_comment(tmp_path: Path) -> None:
+    entry = {
+        "type": "message",
+        "subtype": "file_comment",
+        "ts": "1420200000.000100",
+        "text": "",
+        "comment": {"user": "U1", "comment": "nice picture"},
+    }
+    records, rejected, _ = read(_one_day(tmp_path, [entry]))
+    assert rejected == []
+    (m,) = messages(records)
+    assert (m.sender, m.content.body) == (Sender("U1", "ann"), "nice picture")
+
+
+def test_old_file_share_with_a_singular_file_is_counted(tmp_path: Path) -> None:
+    entry = {
+        "type": "message",
+        "subtype": "file_share",
+        "user": "U1",
+        "ts": "1420200000.000200",
+        "text": "",
+        "file": {"id": "F1", "name": "plan.pdf", "url_private": "https://files.slack.com/p.pdf"},
+    }
+    records, rejected, source = read(_one_day(tmp_path, [entry]))
+    assert rejected == []
+    (m,) = messages(records)
+    assert "plan.pdf" in m.content.body
+    assert source.stats["files_linked"] == 1
+
+
+def test_integration_bot_without_username_gets_a_name(tmp_path: Path) -> None:
+    entry = {
+        "type": "message",
+        "subtype": "bot_message",
+        "bot_id": "B9",
+        "ts": "1420200000.0003",
+        "text": "build passed",
+    }
+    records, _, _ = read(_one_day(tmp_path, [entry]))
+    (m,) = messages(records)
+    assert m.sender == Sender("B9", "bot B9")
