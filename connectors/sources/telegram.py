@@ -76,6 +76,7 @@ MESSAGE_SHAPE = {
     "actor_id": _ID,
     "action": str,
     "title": str,
+    "new_title": str,
     "members": [str],
     "text": (str, [(str, _ENTITY)]),
     "text_entities": [_ENTITY],
@@ -137,6 +138,30 @@ def entities_to_html(entities: list[Any]) -> tuple[str, str | None]:
     return "".join(plain), ("".join(rich) if formatted else None)
 
 
+_MEDIA_WORDS = {
+    "sticker": "Sticker",
+    "voice_message": "Voice message",
+    "video_message": "Video message",
+    "video_file": "Video",
+    "animation": "GIF",
+    "audio_file": "Audio",
+}
+
+
+def _omitted(msg: dict[str, Any]) -> str:
+    """What a media message held, for a notice when the export left the file out."""
+    what = "Photo" if "photo" in msg else _MEDIA_WORDS.get(msg.get("media_type") or "", "File")
+    details = [str(msg["file_name"])] if isinstance(msg.get("file_name"), str) else []
+    if isinstance(msg.get("sticker_emoji"), str):
+        details.append(msg["sticker_emoji"])
+    width, height, seconds = msg.get("width"), msg.get("height"), msg.get("duration_seconds")
+    if isinstance(width, int | float) and isinstance(height, int | float):
+        details.append(f"{int(width)}×{int(height)}")
+    if isinstance(seconds, int | float):
+        details.append(f"{int(seconds)} s")
+    return what + (f" ({', '.join(details)})" if details else "")
+
+
 def _service_body(msg: dict[str, Any]) -> str:
     actor = msg.get("actor") or "Someone"
     action = msg.get("action") or "service"
@@ -155,6 +180,9 @@ def _service_body(msg: dict[str, Any]) -> str:
         "migrate_to_supergroup": f"{actor} converted this group to a supergroup",
         "migrate_from_group": f"{actor} converted «{title}» to a supergroup",
         "clear_history": f"{actor} cleared the history",
+        # Forum groups: the topic's title is what readers need to follow threads.
+        "topic_created": f"{actor} created the topic «{title}»",
+        "topic_edit": f"{actor} renamed the topic to «{msg.get('new_title') or title}»",
     }
     if action == "phone_call":
         duration = msg.get("duration_seconds")
@@ -194,7 +222,14 @@ class TelegramSource(Source):
             self.track(handle, path.stat().st_size)
             try:
                 for chat, event, obj in self._walk(handle):
-                    if only and chat["portal"] not in only:
+                    if event == "no id":
+                        name = chat.get("name") or "without a name"
+                        yield Rejected(
+                            f"{self.file}:chat {name}",
+                            "chat has no id before its messages: its messages are not imported",
+                        )
+                        continue
+                    if chat["portal"] is None or (only and chat["portal"] not in only):
                         continue
                     if event == "start":
                         chats += 1
@@ -228,7 +263,11 @@ class TelegramSource(Source):
             elif prefix == f"{base}messages" and event == "start_array":
                 cid = chat.get("id")
                 if cid is None:
-                    raise SourceError(f"{self.file}: a chat's messages come before its id")
+                    # Telegram writes the id before the messages; without it the
+                    # chat has no portal: its messages are skipped, one reason.
+                    chat["portal"] = None
+                    yield chat, "no id", None
+                    continue
                 chat["portal"] = str(int(cid)) if isinstance(cid, float) else str(cid)
                 yield chat, "start", None
             elif prefix == f"{base}messages" and event == "end_array":
@@ -359,11 +398,12 @@ class TelegramSource(Source):
         return ""
 
     def _media(self, msg: dict[str, Any], rel: str, caption: str, where: str) -> Content | Rejected:
-        label = msg.get("file_name") or PurePath(rel).name or "file"
-        if rel.startswith("(File") or rel.startswith("(file"):
-            # "(File not included. Change data exporting settings to download.)"
+        if rel.startswith(("(File", "(file")):
+            # "(File not included. Change data exporting settings to download.)":
+            # say what was left out instead of repeating that sentence.
             self.stats["media_missing"] += 1
-            return Content(kind="notice", body=f"{label}: {rel.strip('()')}")
+            return Content(kind="notice", body=f"{_omitted(msg)}: not included in the export")
+        label = msg.get("file_name") or PurePath(rel).name or "file"
         try:
             resolved = self.folder.locate(rel)
         except OutsideExport as exc:

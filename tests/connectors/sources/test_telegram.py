@@ -96,7 +96,7 @@ def test_media_from_the_export_folder() -> None:
     # A file the export left out: a notice, then the caption as part 1.
     assert msgs[("6", 0)].content == Content(
         kind="notice",
-        body="big.mp4: File not included. Change data exporting settings to download.",
+        body="Video (big.mp4): not included in the export",
     )
     assert msgs[("6", 1)].content == Content(kind="text", body="the video")
 
@@ -254,3 +254,92 @@ def test_chat_name_of_the_wrong_type_is_not_used(tmp_path: Path, name: str) -> N
     assert rejected == []
     assert by_id(records)[("9", 0)].content.body == "ok"
     assert all(not isinstance(r.name, dict | list | int) for r in records if hasattr(r, "name"))
+
+
+def _export(tmp_path: Path, chat: dict) -> Path:
+    path = tmp_path / "result.json"
+    path.write_text(json.dumps(chat), encoding="utf-8")
+    return path
+
+
+_NOT_INCLUDED = "(File not included. Change data exporting settings to download.)"
+
+
+@pytest.mark.parametrize(
+    "fields, notice",
+    [
+        ({"photo": _NOT_INCLUDED, "width": 1280, "height": 720}, "Photo (1280×720)"),
+        (
+            {"file": _NOT_INCLUDED, "media_type": "sticker", "sticker_emoji": "😀"},
+            "Sticker (😀)",
+        ),
+        (
+            {"file": _NOT_INCLUDED, "media_type": "voice_message", "duration_seconds": 7},
+            "Voice message (7 s)",
+        ),
+    ],
+)
+def test_media_left_out_of_the_export_says_what_it_was(
+    tmp_path: Path, fields: dict, notice: str
+) -> None:
+    message = {
+        "id": 1,
+        "type": "message",
+        "date_unixtime": "1704058800",
+        "from": "A",
+        "from_id": "user1",
+        "text": "",
+        **fields,
+    }
+    chat = {"name": "c", "type": "private_group", "id": 9, "messages": [message]}
+    records, rejected, _ = read(_export(tmp_path, chat))
+    assert rejected == []
+    (m,) = [r for r in records if isinstance(r, NetworkMessage)]
+    assert m.content == Content(kind="notice", body=f"{notice}: not included in the export")
+    assert "Change data exporting settings" not in m.content.body
+
+
+def test_forum_topic_titles_are_kept(tmp_path: Path) -> None:
+    created = {
+        "id": 1,
+        "type": "service",
+        "date_unixtime": "1704058800",
+        "actor": "A",
+        "actor_id": "user1",
+        "action": "topic_created",
+        "title": "Travel",
+        "text": "",
+    }
+    renamed = {**created, "id": 2, "action": "topic_edit", "new_title": "Trips"}
+    del renamed["title"]
+    chat = {"name": "forum", "type": "public_supergroup", "id": 9, "messages": [created, renamed]}
+    records, _, _ = read(_export(tmp_path, chat))
+    bodies = [r.content.body for r in records if isinstance(r, NetworkMessage)]
+    assert bodies == ["A created the topic «Travel»", "A renamed the topic to «Trips»"]
+
+
+def test_chat_without_an_id_is_one_rejection_and_the_others_import(tmp_path: Path) -> None:
+    message = {
+        "id": 1,
+        "type": "message",
+        "date_unixtime": "1704058800",
+        "from": "A",
+        "from_id": "user1",
+        "text": "hi",
+    }
+    full = {
+        "chats": {
+            "list": [
+                {"name": "lost", "type": "private_chat", "messages": [message]},
+                {"name": "kept", "type": "private_chat", "id": 5, "messages": [message]},
+            ]
+        }
+    }
+    records, rejected, _ = read(_export(tmp_path, full))
+    assert [(r.where, r.reason) for r in rejected] == [
+        (
+            "result.json:chat lost",
+            "chat has no id before its messages: its messages are not imported",
+        )
+    ]
+    assert [r.portal for r in records if isinstance(r, NetworkMessage)] == ["5"]
