@@ -172,6 +172,11 @@ def progress_line(summary: ImportSummary, position: tuple[int, int] | None) -> s
 @click.argument("path", required=False, type=click.Path(path_type=Path))
 @click.option("--option", "-o", "options", multiple=True, help="Connector option NAME=VALUE.")
 @click.option("--list", "list_formats", is_flag=True, help="List the installed connectors.")
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Read and validate, print per portal what would go out; publish nothing.",
+)
 @click.pass_context
 def import_(
     ctx: click.Context,
@@ -179,6 +184,7 @@ def import_(
     path: Path | None,
     options: tuple[str, ...],
     list_formats: bool,
+    dry_run: bool,
 ) -> None:
     """Import history from PATH with the FORMAT connector (see --list)."""
     from connectors.publish import publish_source
@@ -197,6 +203,13 @@ def import_(
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     source = sources[format](path, _parse_options(options))
+    if dry_run:
+        from connectors.dry_run import preview
+
+        result = preview(source)
+        for line in result.lines(source.stats, source.warnings):
+            click.echo(printable(line))
+        return
     shown = 0
 
     def on_reject(where: str, reason: str) -> None:
