@@ -80,7 +80,7 @@ def preview(
             _rejected(result, item.where, item.reason, keep_rejections)
             continue
         try:
-            record, _ = check_record(item)
+            record, _ = check_record(item, source.decoded)
         except RecordError as exc:
             _rejected(result, f"item {n}", str(exc), keep_rejections)
             continue

@@ -77,8 +77,11 @@ def _reason_class(reason: str) -> str:
 class Publisher:
     """Publishes validated records for one run; shared by importers and ingest."""
 
-    def __init__(self, settings: Settings, producer: AIOKafkaProducer, stage: Stage) -> None:
+    def __init__(
+        self, settings: Settings, producer: AIOKafkaProducer, stage: Stage, decoded: bool = False
+    ) -> None:
         self.settings = settings
+        self.decoded = decoded  # records come from topics.codec.decode (Source.decoded)
         self.producer = producer
         self.catalog = settings.catalog
         self.dead_letters = DeadLetters(producer, self.catalog.dead_letters, stage)
@@ -105,7 +108,7 @@ class Publisher:
 
         Raises RecordError when invalid; nothing is published then.
         """
-        checked, data = check_record(record)
+        checked, data = check_record(record, self.decoded)
         if isinstance(checked, PortalInfo):
             self.members_capped += len(record.members) - len(checked.members)
         live = isinstance(checked, NetworkMessage) and not checked.history
@@ -134,15 +137,23 @@ def describe_kinds(kinds: Counter[str]) -> str:
     return ", ".join(parts)
 
 
-def check_record(record: NetworkMessage | PortalInfo) -> tuple[NetworkMessage | PortalInfo, bytes]:
+def check_record(
+    record: NetworkMessage | PortalInfo, decoded: bool = False
+) -> tuple[NetworkMessage | PortalInfo, bytes]:
     """The record as the codec reads it back, and its bytes; RecordError if invalid.
 
     The one validation for everything a connector yields (publish and dry run):
     a portal record too big for the broker keeps as many members as fit.
     """
-    checked = from_dict(to_dict(record))
+    plain = to_dict(record)
+    if decoded:  # the connector built it with the codec's decode: validated already
+        checked = record
+    else:
+        checked = from_dict(plain)
     assert isinstance(checked, NetworkMessage | PortalInfo)
-    data = encode(checked)
+    # The codec read back what the connector made: its dict is the encoding
+    # (one to_dict per record, not two). Anything normalized is re-encoded.
+    data = orjson.dumps(plain) if checked is record or checked == record else encode(checked)
     if len(data) > MAX_RECORD_BYTES:
         if not isinstance(checked, PortalInfo) or not checked.members:
             raise RecordError(
@@ -183,7 +194,7 @@ async def publish_source(
     producer = bus.producer(settings)
     await bus.start(producer, settings)
     counts: dict[tuple[str, str], int] = {}  # (network, portal) -> history messages
-    publisher = Publisher(settings, producer, Stage.IMPORT)
+    publisher = Publisher(settings, producer, Stage.IMPORT, decoded=source.decoded)
     try:
         for n, item in enumerate(source.read(), start=1):
             if isinstance(item, Rejected):

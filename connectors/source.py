@@ -53,6 +53,9 @@ class Source:
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     network: ClassVar[str] = ""
+    # True when read() yields records made by topics.codec.decode (JSONL):
+    # they passed the codec's validation, so the framework does not repeat it.
+    decoded: ClassVar[bool] = False
 
     def __init__(self, path: Path, options: dict[str, str] | None = None) -> None:
         self.path = Path(path)

@@ -52,27 +52,41 @@ __all__ = [
 # ---------------------------------------------------------------- encoding
 
 
-def _strip_none(value: Any) -> Any:
+# Field names per record class: dataclasses.fields() is slow on the hot path
+# (every published and every sent record goes through here).
+_FIELD_NAMES: dict[type, tuple[str, ...]] = {}
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = tuple(f.name for f in fields(cls))
+    return names
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready ``value``: nested dataclasses as dicts, None-valued keys left out."""
+    if hasattr(value, "__dataclass_fields__"):
+        if hasattr(value, "TYPE"):
+            return to_dict(value)
+        return {
+            n: _plain(v) for n in _names(type(value)) if (v := getattr(value, n)) is not None
+        }
     if isinstance(value, dict):
-        return {k: _strip_none(v) for k, v in value.items() if v is not None}
+        return {k: _plain(v) for k, v in value.items() if v is not None}
     if isinstance(value, list | tuple):
-        return [_strip_none(v) for v in value]
+        return [_plain(v) for v in value]
     return value
 
 
 def to_dict(record: Record) -> dict[str, Any]:
     """The JSON-ready dict of a record, ``type`` first, unset fields left out."""
     out: dict[str, Any] = {"type": record.TYPE}
-    for f in fields(record):
-        value = getattr(record, f.name)
-        if hasattr(value, "__dataclass_fields__") and hasattr(value, "TYPE"):
-            value = to_dict(value)
-        elif hasattr(value, "__dataclass_fields__"):
-            value = {g.name: getattr(value, g.name) for g in fields(value)}
-        elif isinstance(value, tuple):
-            value = [{g.name: getattr(v, g.name) for g in fields(v)} for v in value]
-        out[f.name] = value
-    return _strip_none(out)
+    for name in _names(type(record)):
+        value = getattr(record, name)
+        if value is not None:
+            out[name] = _plain(value)
+    return out
 
 
 def encode(record: Record) -> bytes:

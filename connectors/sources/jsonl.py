@@ -25,6 +25,7 @@ MAX_LINE_BYTES = MAX_RECORD_BYTES
 class JsonlSource(Source):
     name = "jsonl"
     description = "canonical backflow records, one JSON object per line"
+    decoded = True  # every record comes from topics.codec.decode
 
     def read(self) -> Iterator[SourceItem]:
         try:
