@@ -7,7 +7,7 @@ and count:
 
 - ``events``: the former agent body, ``stream.take_events(5000, within=0.02)``
   on a plain faust topic, batches shielded, acked by take_events;
-- ``batches``: ``pipeline.app.consume_batches`` on an ``IntakeTopic``.
+- ``batches``: ``pipeline.faust_compat.consume_batches`` on an ``IntakeTopic``.
 
 Each run is a fresh worker process in a fresh consumer group reading the whole
 backlog (published once, before the first run). The worker reads its own CPU
@@ -54,6 +54,7 @@ def run_worker(mode: str) -> None:
     import faust
 
     from pipeline import app as pipeline_app
+    from pipeline import faust_compat
 
     env = os.environ
     topics = env["BENCH_TOPICS"].split(",")
@@ -92,7 +93,7 @@ def run_worker(mode: str) -> None:
 
         @app.agent(source, name="count")
         async def count(stream: faust.StreamT) -> None:
-            # The agent body before consume_batches (pipeline/app.py).
+            # The agent body before consume_batches (pipeline/faust_compat.py).
             async for events in stream.take_events(5000, within=0.02):
                 task = asyncio.ensure_future(handle(events))
                 try:
@@ -102,16 +103,16 @@ def run_worker(mode: str) -> None:
                     raise
 
     else:
-        source = pipeline_app.intake_topic(app, topics, partitions)
+        source = faust_compat.intake_topic(app, topics, partitions)
 
         @app.agent(source, name="count")
         async def count(stream: faust.StreamT) -> None:
-            await pipeline_app.consume_batches(app, stream, handle)
+            await faust_compat.consume_batches(app, stream, handle)
 
     @app.on_partitions_assigned.connect
     async def on_assigned(sender: Any, assigned: Any, **_: Any) -> None:
-        pipeline_app._shorten_fetch_wait(app)
-        pipeline_app._fast_delivery(app)
+        faust_compat.shorten_fetch_wait(app)
+        faust_compat.fast_delivery(app)
         if assigned and state["count"] == 0:
             state["cpu0"] = cpu_ticks()
 

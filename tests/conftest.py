@@ -118,6 +118,7 @@ async def make_settings(
         "kafka.bootstrap": bootstrap,
         "kafka.topic_prefix": prefix,
         "kafka.partitions": TEST_PARTITIONS,
+        "kafka.mock_broker": not isinstance(kafka, str),  # the session's mock cluster
         "database.url": db_url,
         "state_dir": str(tmp_path / "state"),
     }

@@ -82,6 +82,7 @@ def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
         "BACKFLOW_KAFKA_BOOTSTRAP": settings.kafka.bootstrap,
         "BACKFLOW_KAFKA_TOPIC_PREFIX": settings.kafka.topic_prefix,
         "BACKFLOW_KAFKA_PARTITIONS": str(settings.kafka.partitions),
+        "BACKFLOW_KAFKA_MOCK_BROKER": str(settings.kafka.mock_broker).lower(),
         "BACKFLOW_DATABASE_URL": settings.database.url,
         "BACKFLOW_HOMESERVER_URL": settings.homeserver.url,
         "BACKFLOW_HOMESERVER_SERVER_NAME": settings.homeserver.server_name,

@@ -31,6 +31,10 @@ class KafkaSettings:
     bootstrap: str | None = None  # None: the embedded broker of `backflow stack up`
     topic_prefix: str = "backflow"
     partitions: int = 8
+    # True only against librdkafka's mock cluster (set by `backflow stack up`
+    # and the test fixtures that start it): turns on its workarounds
+    # (pipeline/faust_compat.py, delay_leader_sync); off on Apache Kafka.
+    mock_broker: bool = False
 
 
 @dataclass(frozen=True)

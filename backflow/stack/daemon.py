@@ -254,6 +254,9 @@ async def _serve(state_dir: Path, partitions: int) -> None:
             "BACKFLOW_APPSERVICE_REGISTRATION": str(registration),
             "BACKFLOW_EMBEDDED_CONTROL": f"http://127.0.0.1:{control_port}",
         }
+        if kafka is not None:
+            # The in-process mock cluster: stages turn on its workarounds.
+            env["BACKFLOW_KAFKA_MOCK_BROKER"] = "true"
         lines = [f"# backflow stack (pid {os.getpid()}); `backflow stack down` stops it"]
         lines += [f"export {name}={value}" for name, value in env.items()]
         _write_atomic(env_path, "\n".join(lines) + "\n")

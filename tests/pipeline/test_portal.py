@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from pipeline import portal as policy
-from pipeline.app import _resume
+from pipeline.faust_compat import _resume
 from pipeline.portal import (
     ALL_PRODUCED,
     ROOM_REQUESTED,
@@ -156,7 +156,7 @@ def test_a_stored_record_is_sent_as_published_unless_near_the_size_limit() -> No
 
 
 def test_resume_finishes_a_hand_stepped_coroutine_like_a_task() -> None:
-    """pipeline.app._resume (fast delivery): result, error and cancellation."""
+    """pipeline.faust_compat._resume (fast delivery): result, error and cancellation."""
 
     async def waits(delay: float, fail: bool = False) -> int:
         await asyncio.wait([asyncio.ensure_future(asyncio.sleep(delay))])

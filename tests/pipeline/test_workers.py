@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from backflow.stack.kafka import EmbeddedKafka
-from pipeline.app import LEADER_SYNC_DELAY
+from pipeline.faust_compat import LEADER_SYNC_DELAY
 from pipeline.status import portal_status
 from tests.pipeline_support import (
     BASE_TS,
@@ -137,7 +137,7 @@ async def _start_pair(
     """Start two workers one after the other and wait until they split the partitions.
 
     No restarts: a worker whose SyncGroup fails rejoins the group by itself
-    (pipeline.app._consume_group_error), which the timeout allows for.
+    (pipeline.faust_compat.consume_group_error), which the timeout allows for.
     """
     w1 = Worker(settings, tmp_path / "w1.log")
     await sink.wait_for(lambda: _owned(w1) == {0, 1, 2, 3}, workers=(w1,))
