@@ -34,7 +34,7 @@ import aiohttp
 import orjson
 from yarl import URL
 
-from connectors.matrix.media import MediaError, MediaPolicy, fetch_url, media_session
+from connectors.matrix.fetch import MediaError, MediaPolicy, fetch_url, media_session
 
 log = logging.getLogger("backflow.sink.client")
 
@@ -386,7 +386,7 @@ class MatrixClient:
             return raw
 
     async def fetch_url(self, url: str) -> tuple[bytes, str]:
-        """Download network media under ``media_policy`` (see ``media.fetch_url``); no token."""
+        """Download network media under ``media_policy`` (see ``fetch.fetch_url``); no token."""
         if self._media is None:
             self._media = media_session(self.media_policy)
         return await fetch_url(self._media, url, self.media_policy)

@@ -29,7 +29,8 @@ import hashlib
 import logging
 
 from connectors.matrix.client import MatrixClient, MatrixError
-from connectors.matrix.media import MediaError, media_uri
+from connectors.matrix.fetch import MediaError
+from connectors.matrix.media import media_uri
 from connectors.matrix.store import SinkStore
 
 log = logging.getLogger("backflow.sink")

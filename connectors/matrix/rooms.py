@@ -7,8 +7,9 @@ import logging
 from aiokafka import AIOKafkaProducer
 
 from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.fetch import MediaError
 from connectors.matrix.ghosts import Ghosts, alias_localpart
-from connectors.matrix.media import MediaError, media_uri
+from connectors.matrix.media import media_uri
 from connectors.matrix.queues import PortalQueue, RoomState
 from connectors.matrix.settle import settle_startup
 from connectors.matrix.stats import SinkStats

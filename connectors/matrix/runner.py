@@ -8,7 +8,7 @@ from collections.abc import Callable
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable
-from connectors.matrix.media import MediaPolicy
+from connectors.matrix.fetch import MediaPolicy
 from connectors.matrix.registration import Registration, RegistrationError, load_registration
 from connectors.matrix.sink import MatrixSink, SinkError
 from connectors.matrix.stats import SinkStats

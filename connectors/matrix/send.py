@@ -16,8 +16,9 @@ from typing import Any
 
 from connectors.matrix.client import MatrixClient, MatrixError
 from connectors.matrix.content import build_content, redaction_content
+from connectors.matrix.fetch import MediaError
 from connectors.matrix.ghosts import Ghosts
-from connectors.matrix.media import MediaError, upload_message_media
+from connectors.matrix.media import upload_message_media
 from connectors.matrix.queues import PortalQueue, RoomState, WorkItem
 from connectors.matrix.rooms import Rooms
 from connectors.matrix.settle import scan, settle_startup

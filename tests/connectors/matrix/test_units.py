@@ -24,6 +24,7 @@ from connectors.matrix.client import (
     MediaError,
 )
 from connectors.matrix.content import SOURCE_KEY, build_content, redaction_content, sanitize_html
+from connectors.matrix.fetch import MediaPolicy, fetch_url, media_session
 from connectors.matrix.ghosts import (
     alias_localpart,
     escape,
@@ -32,7 +33,6 @@ from connectors.matrix.ghosts import (
     parse_ghost,
     unescape,
 )
-from connectors.matrix.media import MediaPolicy, fetch_url, media_session
 from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.registration import RegistrationError, literal_prefix, load_registration
 from connectors.matrix.send import txn_id
