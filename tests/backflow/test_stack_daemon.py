@@ -39,6 +39,8 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
         "BACKFLOW_EMBEDDED_CONTROL",
     ):
         assert env.get(name), name
+    # The in-process mock cluster: stages turn on its workarounds (pipeline/faust_compat.py).
+    assert env.get("BACKFLOW_KAFKA_MOCK_BROKER") == "true"
     # Idempotent: a second `up` finds the running daemon.
     assert start_background(stack_dir) == env
 
