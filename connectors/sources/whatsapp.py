@@ -47,6 +47,7 @@ from connectors.sources.whatsapp_header import (
     OrderEvidence,
     clean,
     detect_layout,
+    evidence_of,
     parse_header,
     timestamp_ms,
 )
@@ -72,6 +73,9 @@ _GENERATED = re.compile(r": \u200e")
 
 # How far into a file the layout is looked for.
 _LAYOUT_LINES = 200
+# Other chats beside a .txt looked at for its date order, and how far into each.
+_MAX_SIBLINGS = 20
+_SIBLING_LINES = 5_000
 # One message, header and continuation lines (WhatsApp allows 65,536 characters).
 MAX_MESSAGE_BYTES = 256 * 1024
 # Participants remembered for a portal id without a title (the first ones suffice).
@@ -115,6 +119,7 @@ class _Pending:
 class _Survey:
     """What the first pass over the headers found."""
 
+    layout: str = "android"
     evidence: OrderEvidence = field(default_factory=OrderEvidence)
     chat_name: str | None = None  # the name on iOS's first generated line: the chat's
     senders: set[str] = field(default_factory=set)
@@ -218,7 +223,7 @@ class WhatsAppSource(Source):
     def _survey(self, export: ChatExport, layout: str) -> _Survey:
         """A first pass over the headers only (memory stays flat): dates, names, years."""
         regex = LAYOUTS[layout]
-        survey = _Survey()
+        survey = _Survey(layout=layout)
         with export.lines() as lines:
             for number, raw in lines:
                 if raw is None:
@@ -239,12 +244,39 @@ class WhatsAppSource(Source):
             raise SourceError(
                 f"{export.chat_name}: {exc}; pass -o date_order=dmy|mdy|ymd"
             ) from None
+        if not decision.certain and export.zip is None:
+            sibling = self._sibling_order(export, survey.layout)
+            if sibling is not None:
+                return sibling
         if not decision.certain:
             self.warn(
                 f"{export.chat_name}: the date order is a guess, {decision.order} "
                 f"({decision.reason}); if the dates look wrong, pass -o date_order=mdy|dmy|ymd"
             )
         return decision.order
+
+    def _sibling_order(self, export: ChatExport, layout: str) -> str | None:
+        """The date order other chats exported beside this ``.txt`` prove, if they agree.
+
+        Exports from one phone share its locale; see ``ChatExport.siblings``.
+        """
+        orders: set[str] = set()
+        for lines in export.siblings(_MAX_SIBLINGS, _SIBLING_LINES):
+            evidence = evidence_of(LAYOUTS[layout], lines)
+            try:
+                decision = evidence.decide()
+            except ValueError:
+                continue
+            if decision.certain and evidence.headers:
+                orders.add(decision.order)
+        if len(orders) != 1:
+            return None
+        (order,) = orders
+        self.warn(
+            f"{export.chat_name}: the date order ({order}) comes from other chats exported "
+            f"beside it; pass -o date_order=mdy|dmy|ymd if the dates look wrong"
+        )
+        return order
 
     def _chat(self, export: ChatExport, survey: _Survey) -> _Chat:
         """The chat's title and portal id.

@@ -9,6 +9,7 @@ and only up to MAX_INLINE_BYTES, counted on the bytes read.
 
 from __future__ import annotations
 
+import itertools
 import re
 import zipfile
 from collections.abc import Callable, Iterator
@@ -175,6 +176,29 @@ class ChatExport:
         if beside is None:
             return None
         return read_bounded(beside, MAX_INLINE_BYTES)
+
+    def siblings(
+        self, files: int, lines: int
+    ) -> Iterator[Iterator[tuple[int, bytes | None]]]:
+        """The first ``lines`` raw lines of up to ``files`` other chat ``.txt`` beside this one.
+
+        Only for a ``.txt`` export, and only its own folder (the import's scope,
+        as for its media); links out of the folder are never followed.
+        """
+        if self.zip is not None:
+            return
+        folder = ExportFolder(self.path.parent)
+        found = sorted(p for p in self.path.parent.glob("*.txt") if p != self.path)
+        for path in found[:files]:
+            if not folder.contains(path):
+                continue
+            try:
+                with path.open("rb") as handle:
+                    yield itertools.takewhile(
+                        lambda pair: pair[0] <= lines, read_lines(handle, MAX_LINE_BYTES)
+                    )
+            except OSError:
+                continue
 
     def has_media(self, name: str) -> bool:
         """Whether ``name`` is a file of this export (without reading it)."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import re
 from calendar import monthrange
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime
 from zoneinfo import ZoneInfo
@@ -294,6 +295,23 @@ class OrderEvidence:
             return Decision(short[0], False, "the order that keeps the messages closest in time")
         order = "dmy" if "dmy" in steady else steady[0]
         return Decision(order, False, "no date says otherwise; day-first is the most common")
+
+
+def evidence_of(
+    regex: re.Pattern[str], lines: Iterable[tuple[int, bytes | None]]
+) -> OrderEvidence:
+    """The date-order evidence of raw ``(number, line)`` pairs in ``regex``'s layout."""
+    evidence = OrderEvidence()
+    for number, raw in lines:
+        if raw is None:
+            continue
+        try:
+            header = parse_header(regex, clean(raw.decode("utf-8", "replace")).rstrip("\r\n"))
+        except ValueError:
+            continue
+        if header is not None:
+            evidence.add(header, number)
+    return evidence
 
 
 @dataclass(frozen=True, slots=True)

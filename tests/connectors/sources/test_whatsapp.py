@@ -573,3 +573,17 @@ def test_attachments_and_omitted_media_in_other_locales(
     assert rejected == []
     (m,) = messages(records)
     assert (m.content.kind, m.content.body) == (kind, body)
+
+
+@pytest.mark.parametrize("sibling_date, order", [("13/06/2024", "dmy"), ("06/13/2024", "mdy")])
+def test_a_chat_exported_beside_decides_an_ambiguous_order(
+    tmp_path: Path, sibling_date: str, order: str
+) -> None:
+    """Exports from one phone share its locale: a sibling .txt with a telling date decides."""
+    chat = _chat(tmp_path, "chat.txt", ["01/02/2024, 10:00 - Ann: a", "03/04/2024, 10:00 - Bo: b"])
+    _chat(tmp_path, "other.txt", [f"{sibling_date}, 09:00 - Cy: c"])
+    records, _, source = read(chat)
+    first = ms(2024, 2, 1, 10) if order == "dmy" else ms(2024, 1, 2, 10)
+    assert messages(records)[0].ts == first
+    (warning,) = source.warnings
+    assert f"date order ({order}) comes from other chats" in warning
