@@ -82,7 +82,8 @@ def preview(
         try:
             record, _ = check_record(item, source.decoded)
         except RecordError as exc:
-            _rejected(result, f"item {n}", str(exc), keep_rejections)
+            where = source.at if isinstance(item, NetworkMessage) else None
+            _rejected(result, where or f"{source.path.name} item {n}", str(exc), keep_rejections)
             continue
         portal = result.portals.setdefault(record.key, PortalPreview())
         if isinstance(record, PortalInfo):

@@ -207,9 +207,9 @@ async def publish_source(
                 except RecordError as exc:
                     original = to_dict_safe(item)
                     key = usable_key(getattr(item, "network", None), getattr(item, "portal", None))
-                    await _reject(
-                        publisher, summary, on_reject, f"item {n}", str(exc), original, key
-                    )
+                    where = source.at if isinstance(item, NetworkMessage) else None
+                    where = where or f"{source.path.name} item {n}"
+                    await _reject(publisher, summary, on_reject, where, str(exc), original, key)
                     continue
                 portal = (record.network, record.portal)
                 counts.setdefault(portal, 0)

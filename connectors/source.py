@@ -65,6 +65,10 @@ class Source:
         # Filled by read(): what the operator should know but is not an error,
         # e.g. "the date order is a guess; pass -o date_order=…". Shown once each.
         self.warnings: list[str] = []
+        # Where the message being yielded was read ("chat.txt:12"): a connector
+        # sets it before yielding, so a record the framework refuses is named
+        # by file and line, not by its position in the stream.
+        self.at: str | None = None
         self._tracked: tuple[IO[bytes], int] | None = None
 
     def read(self) -> Iterator[SourceItem]:

@@ -55,6 +55,7 @@ class JsonlSource(Source):
                         key=key_of(line),
                     )
                     continue
+                self.at = where
                 yield record
 
 

@@ -339,6 +339,7 @@ class SlackSource(Source):
         return Sender(id=user, name=name)
 
     def _message(self, portal: str, msg: dict[str, Any], where: str) -> Iterator[SourceItem]:
+        self.at = where
         subtype = msg.get("subtype")
         if subtype in SKIP_SUBTYPES or msg.get("hidden"):
             self.stats["skipped"] += 1

@@ -303,6 +303,7 @@ class TelegramSource(Source):
             return
         mid = str(int(msg["id"]))
         where = f"{where} message {mid}"
+        self.at = where
         reason = mismatch(msg, MESSAGE_SHAPE)
         if reason is not None:
             yield Rejected(where, reason, _excerpt(msg))

@@ -327,6 +327,7 @@ class WhatsAppSource(Source):
             if p.oversize:
                 yield Rejected(p.where, f"message over {MAX_MESSAGE_BYTES} bytes: not imported")
                 return
+            self.at = p.where
             if state["raw_ts"] != p.raw_ts:
                 state.update(raw_ts=p.raw_ts, repeats={}, seq=0)
             body = "\n".join(p.lines).rstrip()

@@ -50,3 +50,17 @@ def test_cli_dry_run_publishes_nothing(monkeypatch) -> None:
 def test_summary_counts_reactions_edits_and_media_apart() -> None:
     kinds = Counter(text=1376, notice=4, reaction=199, edit=3, media=12)
     assert describe_kinds(kinds) == "1380 messages, 199 reactions, 3 edits, 12 media"
+
+
+def test_a_record_the_codec_refuses_is_named_by_file_and_line(tmp_path: Path) -> None:
+    from topics.schema import MAX_TEXT_LEN
+
+    chat = tmp_path / "chat.txt"
+    chat.write_text(
+        "01/02/2024, 10:00 - Ann: hi\n"
+        f"01/02/2024, 10:01 - Bo: {'y' * (MAX_TEXT_LEN + 1)}\n"
+        "01/02/2024, 10:02 - Ann: bye\n"
+    )
+    result = preview(WhatsAppSource(chat))
+    assert [where for where, _ in result.rejected] == ["chat.txt:2"]
+    assert sum(p.kinds["text"] for p in result.portals.values()) == 2
