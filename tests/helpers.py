@@ -7,7 +7,10 @@ import socket
 import subprocess
 import sys
 import time
+import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -18,6 +21,19 @@ from topics.settings import Settings
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
 SAMPLES = TESTS / "samples"
+
+
+T = TypeVar("T")
+
+
+def traced_peak(run: Callable[[], T]) -> tuple[T, int]:
+    """``run()``'s result and the peak of Python memory allocated while it ran."""
+    tracemalloc.start()
+    try:
+        result = run()
+        return result, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
 
 
 def free_port() -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 import pytest
+from aiohttp import web
 from aiokafka import TopicPartition
 
 from backflow.cli.sink import progress_printer
@@ -43,6 +44,16 @@ from tests.fault_proxy import FaultProxy
 from topics.records import Content, NetworkMessage, Sender
 
 ALLOWED = set("abcdefghijklmnopqrstuvwxyz0123456789._=-/")
+
+
+async def _serve(app: web.Application) -> tuple[web.AppRunner, int]:
+    """``app`` on a free 127.0.0.1 port; clean up with ``runner.cleanup()``."""
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
 
 # ---------------------------------------------------------------- ghosts
 
@@ -647,7 +658,6 @@ def test_media_policy_allow_list() -> None:
 
 
 async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
-    from aiohttp import web
 
     async def ok(request: web.Request) -> web.Response:
         return web.Response(body=b"x" * 100, content_type="image/png")
@@ -663,11 +673,7 @@ async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
     app.router.add_get("/ok", ok)
     app.router.add_get("/hop", hop)
     app.router.add_get("/slow", slow)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(app)
 
     async def fetch(url: str, policy: MediaPolicy) -> tuple[bytes, str]:
         session = media_session(policy)
@@ -709,7 +715,11 @@ def test_room_buffer_pauses_only_the_partitions_feeding_a_full_room() -> None:
     def item(portal: str, offset: int, part: TopicPartition) -> WorkItem:
         m = msg(Content(kind="text", body="x"))
         m = NetworkMessage(
-            network="net", portal=portal, id=f"m{offset}", sender=m.sender, ts=m.ts,
+            network="net",
+            portal=portal,
+            id=f"m{offset}",
+            sender=m.sender,
+            ts=m.ts,
             content=m.content,
         )
         return WorkItem(part, offset, b"", SendMessage(message=m))
@@ -725,7 +735,6 @@ def test_room_buffer_pauses_only_the_partitions_feeding_a_full_room() -> None:
 
 async def test_429_gives_the_room_slot_back_while_waiting() -> None:
     """A rate-limited request does not hold the concurrency slot during Retry-After."""
-    from aiohttp import web
 
     calls = 0
 
@@ -742,11 +751,7 @@ async def test_429_gives_the_room_slot_back_while_waiting() -> None:
 
     app = web.Application()
     app.router.add_put("/_matrix/client/v3/rooms/{room}/send/{type}/{txn}", limited)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    runner, port = await _serve(app)
     client = MatrixClient(f"http://127.0.0.1:{port}", TOKEN, "hs", "bot")
     slot = asyncio.Semaphore(1)
     try:

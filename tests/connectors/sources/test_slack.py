@@ -12,6 +12,7 @@ from connectors.source import Rejected, SourceError
 from connectors.sources.slack import SlackSource, ts_ms
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
 from tests.helpers import SAMPLES as SAMPLES_DIR
+from tests.helpers import traced_peak
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 SAMPLES = SAMPLES_DIR / "slack"
@@ -192,33 +193,33 @@ def test_bad_day_file_is_rejected(tmp_path: Path) -> None:
     assert [r.content.body for r in records if isinstance(r, NetworkMessage)] == ["ok"]
 
 
-def _bomb(path: Path, day_file: bytes) -> Path:
+def _export_zip(path: Path, days: dict[str, bytes | str]) -> Path:
+    """A one-channel export ("c", user U1 "ann") with these day files."""
     with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("users.json", "[]")
+        zf.writestr("users.json", '[{"id": "U1", "name": "ann"}]')
         zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
-        zf.writestr("c/2024-01-02.json", day_file)
-        zf.writestr("c/2024-01-03.json", '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]')
+        for day, data in days.items():
+            zf.writestr(f"c/{day}.json", data)
     return path
+
+
+def _bomb(path: Path, day_file: bytes) -> Path:
+    """A damaged day file, then a good one that must still be read."""
+    ok = '[{"user": "U1", "text": "ok", "ts": "1704240000.0"}]'
+    return _export_zip(path, {"2024-01-02": day_file, "2024-01-03": ok})
 
 
 def test_day_file_bomb_is_read_as_a_stream_up_to_its_cap(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A 40 MB day file in a small zip: parsed entry by entry, cut at the cap, memory flat."""
-    import tracemalloc
-
     import connectors.sources.slack as slack
 
     message = b'{"user": "U1", "text": "' + b"x" * 1000 + b'", "ts": "1704153600.0"},'
     archive = _bomb(tmp_path / "bomb.zip", b"[" + message * 40_000 + b"{}]")
     assert archive.stat().st_size < 1_000_000
     monkeypatch.setattr(slack, "MAX_DAY_FILE_BYTES", 4 * 1024 * 1024)
-    tracemalloc.start()
-    try:
-        records, rejected, _ = read(archive)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (records, rejected, _), peak = traced_peak(lambda: read(archive))
     cut = [r for r in rejected if r.where == "c/2024-01-02.json"]
     assert len(cut) == 1 and "larger than 4194304 bytes" in cut[0].reason
     bodies = [m.content.body for m in messages(records)]
@@ -231,18 +232,11 @@ def test_day_file_bomb_is_read_as_a_stream_up_to_its_cap(
 def test_endless_string_in_a_day_file_is_cut_not_buffered(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tracemalloc
-
     import connectors.sources.slack as slack
 
     archive = _bomb(tmp_path / "bomb.zip", b'[{"text": "' + b"a" * 50_000_000)
     monkeypatch.setattr(slack, "MAX_DAY_FILE_BYTES", 1024 * 1024)
-    tracemalloc.start()
-    try:
-        records, rejected, _ = read(archive)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    (records, rejected, _), peak = traced_peak(lambda: read(archive))
     assert [r.where for r in rejected] == ["c/2024-01-02.json"]
     assert "larger than 1048576 bytes" in rejected[0].reason
     assert [m.content.body for m in messages(records)] == ["ok"]
@@ -382,12 +376,7 @@ def test_metadata_entry_of_the_wrong_shape_is_one_rejection(
 def _one_day(tmp_path: Path, entries: list[dict]) -> Path:
     import json
 
-    archive = tmp_path / "x.zip"
-    with zipfile.ZipFile(archive, "w") as zf:
-        zf.writestr("users.json", '[{"id": "U1", "name": "ann"}]')
-        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
-        zf.writestr("c/2015-01-02.json", json.dumps(entries))
-    return archive
+    return _export_zip(tmp_path / "x.zip", {"2015-01-02": json.dumps(entries)})
 
 
 def test_old_file_comment_takes_its_author_from_the_comment(tmp_path: Path) -> None:

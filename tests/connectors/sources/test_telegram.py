@@ -256,6 +256,12 @@ def test_chat_name_of_the_wrong_type_is_not_used(tmp_path: Path, name: str) -> N
     assert all(not isinstance(r.name, dict | list | int) for r in records if hasattr(r, "name"))
 
 
+def _message(**fields: object) -> dict:
+    """A message entry of an export, from user1 "A" on 2024-01-01, with ``fields`` on top."""
+    base = {"id": 1, "type": "message", "date_unixtime": "1704058800", "from": "A"}
+    return {**base, "from_id": "user1", "text": "", **fields}
+
+
 def _export(tmp_path: Path, chat: dict) -> Path:
     path = tmp_path / "result.json"
     path.write_text(json.dumps(chat), encoding="utf-8")
@@ -282,15 +288,7 @@ _NOT_INCLUDED = "(File not included. Change data exporting settings to download.
 def test_media_left_out_of_the_export_says_what_it_was(
     tmp_path: Path, fields: dict, notice: str
 ) -> None:
-    message = {
-        "id": 1,
-        "type": "message",
-        "date_unixtime": "1704058800",
-        "from": "A",
-        "from_id": "user1",
-        "text": "",
-        **fields,
-    }
+    message = _message(**fields)
     chat = {"name": "c", "type": "private_group", "id": 9, "messages": [message]}
     records, rejected, _ = read(_export(tmp_path, chat))
     assert rejected == []
@@ -300,16 +298,9 @@ def test_media_left_out_of_the_export_says_what_it_was(
 
 
 def test_forum_topic_titles_are_kept(tmp_path: Path) -> None:
-    created = {
-        "id": 1,
-        "type": "service",
-        "date_unixtime": "1704058800",
-        "actor": "A",
-        "actor_id": "user1",
-        "action": "topic_created",
-        "title": "Travel",
-        "text": "",
-    }
+    created = _message(
+        type="service", actor="A", actor_id="user1", action="topic_created", title="Travel"
+    )
     renamed = {**created, "id": 2, "action": "topic_edit", "new_title": "Trips"}
     del renamed["title"]
     chat = {"name": "forum", "type": "public_supergroup", "id": 9, "messages": [created, renamed]}
@@ -319,14 +310,7 @@ def test_forum_topic_titles_are_kept(tmp_path: Path) -> None:
 
 
 def test_chat_without_an_id_is_one_rejection_and_the_others_import(tmp_path: Path) -> None:
-    message = {
-        "id": 1,
-        "type": "message",
-        "date_unixtime": "1704058800",
-        "from": "A",
-        "from_id": "user1",
-        "text": "hi",
-    }
+    message = _message(text="hi")
     full = {
         "chats": {
             "list": [

@@ -23,6 +23,7 @@ from connectors.sources.whatsapp import (
     sender_id,
 )
 from tests.helpers import SAMPLES as SAMPLES_DIR
+from tests.helpers import traced_peak
 from topics.records import Content, PortalInfo, Sender
 
 SAMPLES = SAMPLES_DIR / "whatsapp"
@@ -275,14 +276,8 @@ def test_timestamps_are_utc_ms() -> None:
 
 
 def _traced_read(path: Path) -> tuple[list, list[Rejected], int]:
-    import tracemalloc
-
-    tracemalloc.start()
-    try:
-        records, rejected, _ = read(path)
-        return records, rejected, tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
+    (records, rejected, _), peak = traced_peak(lambda: read(path))
+    return records, rejected, peak
 
 
 def test_endless_line_in_a_zip_is_rejected_with_memory_bounded(tmp_path: Path) -> None:
@@ -322,14 +317,13 @@ def test_endless_continuation_ends_the_message_not_the_import(tmp_path: Path) ->
 
 def test_rejected_header_ends_the_message_before_it(tmp_path: Path) -> None:
     """Lines after a header that was refused are never glued onto someone else's message."""
-    path = tmp_path / "chat.txt"
-    path.write_bytes(
-        b"01/02/2024, 10:00 - Alice: mine\n"
-        b"01/02/2024, 25:61 - Bob: his, with a bad time\n"
-        b"and his second line\n"
-        b"01/02/2024, 10:02 - Alice: mine again\n"
-    )
-    records, rejected, _ = read(path)
+    lines = [
+        "01/02/2024, 10:00 - Alice: mine",
+        "01/02/2024, 25:61 - Bob: his, with a bad time",
+        "and his second line",
+        "01/02/2024, 10:02 - Alice: mine again",
+    ]
+    records, rejected, _ = read(_chat(tmp_path, "chat.txt", lines))
     assert summary(records) == [
         ("Alice", ms(2024, 2, 1, 10, 0), "text", "mine"),
         ("Alice", ms(2024, 2, 1, 10, 2), "text", "mine again"),
