@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from backflow.cli.terminal import printable
-from connectors.matrix.client import MatrixError
+from connectors.matrix.client import MatrixRequestError, describe
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.runner import open_client, run_sink
@@ -111,8 +111,8 @@ async def timeline_lines(settings: Settings, portal_or_room: str) -> list[str]:
             events = await client.timeline(
                 room_id, types=["m.room.message", "m.reaction", "m.room.redaction"]
             )
-        except MatrixError as exc:
-            raise SinkError(f"cannot read {room_id}: {exc.errcode}: {exc.error}") from None
+        except MatrixRequestError as exc:
+            raise SinkError(f"cannot read {room_id}: {describe(exc)}") from None
     finally:
         await client.close()
     return [format_event(e) for e in events]

@@ -1,71 +1,151 @@
-"""A thin Matrix Application Service client on one aiohttp session.
+"""The sink's one seam to the homeserver: mautrix's appservice API under backflow's retry policy.
 
-Why our own instead of ``mautrix``: the sink needs exactly a dozen endpoints,
-full control of transaction ids and ``ts``, and a hook to settle in-doubt
-sends before a retry (a retried txn id is not deduplicated after a homeserver
-restart). That is less code here than bending a framework to it.
+mautrix (the mautrix bridges' own library) builds every request: the bot's and
+each ghost's ``IntentAPI``, typed paths, ``ts`` massaging, its typed errors
+(``mautrix.errors``). What makes the sink exactly-once and fair is added here,
+because a bridge leaves it to its own code too:
 
-Retry policy (``request``):
+* Every call runs under the one retry policy (``topics.retry``); mautrix's own
+  retries are off (``default_retry_count=0``), so nothing retries twice and
+  nothing retries forever.
+* Transaction ids are the caller's (deterministic per message part), for sends
+  and redactions alike; mautrix would pick random ones.
+* A 429 waits for ``Retry-After`` (the header, else ``retry_after_ms`` in the
+  body; mautrix's ``MLimitExceeded`` keeps neither, so an aiohttp trace, a
+  public aiohttp API, notes them) *outside* the room's concurrency slot.
+* 502/503/504/408, connection errors and timeouts may have taken effect: before
+  the retry an optional ``settle`` callback looks the result up (a retried txn
+  id is not deduplicated after a homeserver restart).
+* 500 is retried a few times (a restarting homeserver), then permanent.
+* Other refusals are raised as mautrix's typed errors, their text scrubbed of
+  the token, which only ever travels in the ``Authorization`` header.
 
-* 429 ``M_LIMIT_EXCEEDED``: wait ``Retry-After`` (header, seconds) or
-  ``retry_after_ms`` (body), capped at ``max_retry_delay``, and try again. The
-  homeserver rejected the request before doing anything, so this is safe.
-* 502/503/504, connection errors and timeouts: transient; capped exponential
-  backoff with jitter, forever (nothing is dropped). Before each retry an
-  optional ``settle`` callback can look up whether the first attempt landed.
-* 500: retried a few times (a restarting homeserver), then permanent.
-* other 4xx: ``MatrixError`` carrying ``errcode``/``error``, never retried.
-
-The appservice token only travels in the ``Authorization`` header; every
-message we build is scrubbed of it anyway.
+Reading rooms back (``timeline``) returns the events as plain JSON: callers
+compare bodies and keys, and mautrix's event classes would only convert them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
-import random
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from contextlib import nullcontext
-from typing import Any
-from urllib.parse import quote, urlencode
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
-from yarl import URL
+from mautrix.api import Method, Path
+from mautrix.appservice import AppServiceAPI, ASStateStore, IntentAPI
+from mautrix.client.state_store import MemoryStateStore
+from mautrix.errors import (
+    IntentError,
+    MatrixConnectionError,
+    MatrixRequestError,
+    MForbidden,
+    MNotFound,
+    MRoomInUse,
+    MUserInUse,
+    make_request_error,
+)
+from mautrix.types import EventType, RoomCreatePreset, RoomDirectoryVisibility
 
 from connectors.matrix.fetch import MediaError, MediaPolicy, fetch_url, media_session
+from topics.retry import RetryPolicy, Transient, retry
 
 log = logging.getLogger("backflow.sink.client")
 
-CLIENT = "/_matrix/client/v3"
-MEDIA_UPLOAD = "/_matrix/media/v3/upload"
-MEDIA_DOWNLOAD = "/_matrix/client/v1/media/download"
+__all__ = [
+    "MatrixClient",
+    "MatrixRequestError",
+    "MatrixUnreachable",
+    "MForbidden",
+    "describe",
+]
+
 _TRANSIENT_STATUS = frozenset({502, 503, 504, 408})
 MAX_500_RETRIES = 5
+INTENT_CACHE = 4096  # ghost intents kept ready; each holds a few dozen bound wrappers
 
-Settle = Callable[[], Awaitable[dict[str, Any] | None]]
+T = TypeVar("T")
+Settle = Callable[[], Awaitable[T | None]]
 
 
-class MatrixError(Exception):
-    """A permanent homeserver error for one request (4xx other than 429)."""
+_UNREACHABLE = (MatrixConnectionError, aiohttp.ClientError, TimeoutError, OSError)
+_FAILURES = (MatrixRequestError, IntentError, *_UNREACHABLE)
 
-    def __init__(self, status: int, errcode: str, error: str, method: str, path: str) -> None:
-        self.status = status
-        self.errcode = errcode
-        self.error = error
-        self.method = method
-        self.path = path
-        super().__init__(f"{method} {path}: HTTP {status} {errcode}: {error}")
+
+def _cause(exc: BaseException) -> BaseException:
+    """The failure itself: an intent's implicit join wraps it in ``IntentError``."""
+    if isinstance(exc, IntentError) and isinstance(exc.__cause__, _FAILURES):
+        return _cause(exc.__cause__)
+    return exc
 
 
 class MatrixUnreachable(Exception):
     """The homeserver does not answer at all (used for startup checks)."""
 
 
-def q(segment: str) -> str:
-    """Percent-encode one path segment (room ids, aliases, event ids ...)."""
-    return quote(segment, safe="")
+def describe(exc: MatrixRequestError) -> str:
+    """``ERRCODE: message (HTTP status)``: one line for logs, errors and dead letters."""
+    return f"{exc.errcode}: {exc.message} (HTTP {exc.http_status})"
+
+
+class _StateStore(ASStateStore, MemoryStateStore):
+    """mautrix's in-memory stores: what the intents learn (registrations, power levels)."""
+
+    def __init__(self) -> None:
+        ASStateStore.__init__(self)
+        MemoryStateStore.__init__(self)
+
+
+class _Answer:
+    """What the aiohttp trace saw of a refused request: status, Retry-After, body start."""
+
+    __slots__ = ("status", "retry_after", "body")
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.retry_after: str | None = None
+        self.body = b""
+
+    def wait(self) -> float:
+        if self.retry_after:
+            try:
+                return max(0.0, float(self.retry_after))
+            except ValueError:
+                pass
+        try:
+            ms = orjson.loads(self.body).get("retry_after_ms")
+        except (orjson.JSONDecodeError, AttributeError):
+            ms = None
+        if isinstance(ms, int | float) and not isinstance(ms, bool):
+            return max(0.0, ms / 1000)
+        return 1.0
+
+
+_ANSWER: contextvars.ContextVar[_Answer | None] = contextvars.ContextVar("answer", default=None)
+
+
+async def _on_request_end(_s: Any, _c: Any, params: aiohttp.TraceRequestEndParams) -> None:
+    answer = _ANSWER.get()
+    if answer is not None:
+        answer.status = params.response.status
+        answer.retry_after = params.response.headers.get("Retry-After")
+
+
+async def _on_chunk(_s: Any, _c: Any, params: aiohttp.TraceResponseChunkReceivedParams) -> None:
+    answer = _ANSWER.get()
+    if answer is not None and answer.status == 429 and len(answer.body) < 4096:
+        answer.body += params.chunk[:4096]
+
+
+def _trace() -> aiohttp.TraceConfig:
+    trace = aiohttp.TraceConfig()
+    trace.on_request_end.append(_on_request_end)
+    trace.on_response_chunk_received.append(_on_chunk)
+    return trace
 
 
 class MatrixClient:
@@ -79,6 +159,7 @@ class MatrixClient:
         sender_localpart: str,
         *,
         max_retry_delay: float = 600.0,
+        give_up_after: float = 600.0,
         timeout: float = 120.0,
         connections: int = 100,
         media_policy: MediaPolicy | None = None,
@@ -88,10 +169,22 @@ class MatrixClient:
         self.server_name = server_name
         self.bot = f"@{sender_localpart}:{server_name}"
         self.max_retry_delay = max_retry_delay
+        self.give_up_after = give_up_after
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections),
             timeout=aiohttp.ClientTimeout(total=timeout),
+            trace_configs=[_trace()],
         )
+        self._api = AppServiceAPI(
+            self.base_url,
+            bot_mxid=self.bot,
+            token=as_token,
+            log=logging.getLogger("backflow.sink.mautrix"),
+            state_store=_StateStore(),
+            client_session=self._session,
+            default_retry_count=0,
+        )
+        self._intents: OrderedDict[str, IntentAPI] = OrderedDict()
         self.stats = {"requests": 0, "rate_limited": 0, "transient": 0}
         # Network media gets its own session: its resolver refuses non-public
         # addresses, which the homeserver (often on localhost) must not be.
@@ -115,141 +208,141 @@ class MatrixClient:
     def __repr__(self) -> str:
         return f"MatrixClient({self.base_url!r}, bot={self.bot!r})"
 
-    # ------------------------------------------------------------ transport
+    def intent(self, user_id: str | None = None) -> IntentAPI:
+        """The bot's intent, or a ghost's (``user_id`` query parameter), kept in a bounded cache."""
+        if user_id is None or user_id == self.bot:
+            return self._api.bot_intent()
+        found = self._intents.get(user_id)
+        if found is None:
+            found = self._api.intent(user_id)
+            self._intents[user_id] = found
+            if len(self._intents) > INTENT_CACHE:
+                evicted, _ = self._intents.popitem(last=False)
+                self._api.children.pop(evicted, None)  # mautrix keeps one API per user
+        else:
+            self._intents.move_to_end(user_id)
+        return found
 
-    async def request(
+    # ------------------------------------------------------------ retry policy
+
+    async def call(
         self,
-        method: str,
-        path: str,
+        what: str,
+        make: Callable[[], Awaitable[T]],
         *,
-        params: dict[str, Any] | None = None,
-        json: Any = None,
-        data: bytes | None = None,
-        content_type: str | None = None,
-        as_user: str | None = None,
-        settle: Settle | None = None,
-        retry_transient: bool = True,
+        settle: Settle[T] | None = None,
         slot: asyncio.Semaphore | None = None,
-    ) -> dict[str, Any]:
-        """One API call with the retry policy described in the module docstring.
+        retry_transient: bool = True,
+    ) -> T:
+        """Run one mautrix call under the policy in the module docstring.
 
         ``slot`` (the sink's per-room concurrency semaphore) is held only while
-        an attempt is on the wire: waiting out a 429 or a backoff gives it back,
+        an attempt is on the wire: the retry policy waits outside ``attempt``,
         so a rate-limited room does not keep another room from sending.
         """
-        query = dict(params or {})
-        if as_user is not None and as_user != self.bot:
-            query["user_id"] = as_user
-        url = self.base_url + path + (("?" + urlencode(query)) if query else "")
-        headers = {"Authorization": f"Bearer {self._token}"}
-        body: bytes | None = data
-        if json is not None:
-            body = orjson.dumps(json)
-            headers["Content-Type"] = "application/json"
-        elif content_type:
-            headers["Content-Type"] = content_type
-        attempt = 0
+        in_doubt = False
         errors_500 = 0
-        while True:
-            self.stats["requests"] += 1
-            problem: str
-            wait: float | None = None
-            try:
-                async with slot or nullcontext(), self._session.request(
-                    method, URL(url, encoded=True), data=body, headers=headers
-                ) as resp:
-                    raw = await resp.read()
-                    status = resp.status
-                    if 200 <= status < 300:
-                        return orjson.loads(raw) if raw else {}
-                    payload = _json_object(raw)
-                    errcode = str(payload.get("errcode", "M_UNKNOWN"))
-                    error = self.scrub(
-                        str(payload.get("error", raw[:200].decode("utf-8", "replace")))
-                    )
-                    if status == 429:
-                        self.stats["rate_limited"] += 1
-                        delay = _retry_after(resp.headers.get("Retry-After"), payload)
-                        delay = min(delay, self.max_retry_delay)
-                        log.debug("429 on %s %s, waiting %.2fs", method, path, delay)
-                        wait = delay
-                    elif status in _TRANSIENT_STATUS or (
-                        status >= 500 and errors_500 < MAX_500_RETRIES
-                    ):
-                        if status not in _TRANSIENT_STATUS:
-                            errors_500 += 1
-                        problem = f"HTTP {status} {errcode}: {error}"
-                    else:
-                        raise MatrixError(status, errcode, error, method, path)
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                problem = self.scrub(f"{type(exc).__name__}: {exc}")
-            if wait is not None:
-                await asyncio.sleep(wait)  # outside the slot
-                continue  # rejected before any effect: safe to repeat
-            # Transient failure: the request may or may not have taken effect.
-            self.stats["transient"] += 1
-            if not retry_transient:
-                raise MatrixUnreachable(f"{method} {path}: {problem}")
-            delay = min(self.max_retry_delay, 0.25 * 2**attempt) * random.uniform(0.8, 1.2)
-            attempt += 1
-            log.warning(
-                "%s %s failed (%s); retry %d in %.1fs", method, path, problem, attempt, delay
-            )
-            await asyncio.sleep(delay)
-            if settle is not None:
+
+        async def attempt() -> T:
+            nonlocal in_doubt, errors_500
+            if in_doubt and settle is not None:
                 found = await settle()
                 if found is not None:
                     return found
+            answer = _Answer()
+            token = _ANSWER.set(answer)
+            self.stats["requests"] += 1
+            try:
+                async with slot or nullcontext():
+                    return await make()
+            except _FAILURES as exc:
+                failure = _cause(exc)
+                if isinstance(failure, MatrixRequestError):
+                    status = failure.http_status
+                    if status == 429:
+                        in_doubt = False  # refused before any effect: safe to repeat as is
+                        self.stats["rate_limited"] += 1
+                        wait = min(answer.wait(), self.max_retry_delay)
+                        raise Transient(f"{what}: rate limited", retry_after=wait) from None
+                    transient = status in _TRANSIENT_STATUS
+                    if transient or (status == 500 and errors_500 < MAX_500_RETRIES):
+                        errors_500 += not transient
+                        in_doubt = True
+                        raise Transient(self.scrub(f"{what}: {describe(failure)}")) from None
+                    raise self._scrubbed(failure) from None
+                if isinstance(failure, _UNREACHABLE):
+                    in_doubt = True
+                    problem = self.scrub(f"{what}: {type(failure).__name__}: {failure}")
+                    if not retry_transient:
+                        raise MatrixUnreachable(problem) from None
+                    raise Transient(problem) from None
+                raise
+            finally:
+                _ANSWER.reset(token)
+
+        def count(exc: BaseException, delay: float) -> None:
+            if "rate limited" not in str(exc):
+                self.stats["transient"] += 1
+
+        policy = RetryPolicy(
+            first_delay=0.25, max_delay=self.max_retry_delay, give_up_after=self.give_up_after
+        )
+        return await retry(attempt, what, policy, on_transient=count)
+
+    def _scrubbed(self, exc: MatrixRequestError) -> MatrixRequestError:
+        """The same typed error, its text without the token."""
+        return make_request_error(
+            http_status=exc.http_status,
+            text=self.scrub(str(getattr(exc, "text", "") or "")),
+            errcode=exc.errcode,
+            message=self.scrub(str(exc.message or "")),
+        )
 
     # ------------------------------------------------------------ endpoints
 
     async def versions(self) -> dict[str, Any]:
         """Check that the homeserver answers and accepts our token (one attempt)."""
-        await self.request("GET", "/_matrix/client/versions", retry_transient=False)
-        return await self.request("GET", f"{CLIENT}/account/whoami", retry_transient=False)
+        bot = self.intent()
+        await self.call("versions", lambda: bot.versions(no_cache=True), retry_transient=False)
+        who = await self.call("whoami", bot.whoami, retry_transient=False)
+        return {"user_id": who.user_id}
 
     async def register(self, localpart: str) -> bool:
         """Register a ghost; False when it already existed (``M_USER_IN_USE``)."""
+        body = {"type": "m.login.application_service", "username": localpart}
+        body["inhibit_login"] = True  # type: ignore[assignment]
+        api = self._api
         try:
-            await self.request(
-                "POST",
-                f"{CLIENT}/register",
-                json={
-                    "type": "m.login.application_service",
-                    "username": localpart,
-                    "inhibit_login": True,
-                },
-            )
-            return True
-        except MatrixError as exc:
-            if exc.errcode == "M_USER_IN_USE":
-                return False
-            raise
+            await self.call("register", lambda: api.request(Method.POST, Path.v3.register, body))
+        except MUserInUse:
+            registered = False
+        else:
+            registered = True
+        # Tell mautrix, so its intent does not try again on the first call.
+        await api.state_store.registered(f"@{localpart}:{self.server_name}")
+        return registered
+
+    async def registered(self, user_id: str) -> None:
+        """Tell mautrix a ghost exists (our store knew), so its intent does not register it."""
+        await self._api.state_store.registered(user_id)
 
     async def set_displayname(self, user_id: str, name: str) -> None:
-        await self.request(
-            "PUT",
-            f"{CLIENT}/profile/{q(user_id)}/displayname",
-            json={"displayname": name},
-            as_user=user_id,
+        ghost = self.intent(user_id)
+        await self.call(
+            "set displayname", lambda: ghost.set_displayname(name, check_current=False)
         )
 
     async def set_avatar(self, user_id: str, mxc: str) -> None:
-        await self.request(
-            "PUT",
-            f"{CLIENT}/profile/{q(user_id)}/avatar_url",
-            json={"avatar_url": mxc},
-            as_user=user_id,
-        )
+        ghost = self.intent(user_id)
+        await self.call("set avatar", lambda: ghost.set_avatar_url(mxc, check_current=False))
 
     async def resolve_alias(self, alias: str) -> str | None:
+        bot = self.intent()
         try:
-            data = await self.request("GET", f"{CLIENT}/directory/room/{q(alias)}")
-        except MatrixError as exc:
-            if exc.errcode == "M_NOT_FOUND" or exc.status == 404:
-                return None
-            raise
-        return str(data["room_id"])
+            info = await self.call("resolve alias", lambda: bot.resolve_room_alias(alias))
+        except MNotFound:
+            return None
+        return str(info.room_id)
 
     async def create_room(
         self,
@@ -262,45 +355,55 @@ class MatrixClient:
     ) -> tuple[str, bool]:
         """(room id, created). The alias is the idempotency key: a second call finds the room."""
         alias = f"#{alias_localpart}:{self.server_name}"
-        body: dict[str, Any] = {
-            "room_alias_name": alias_localpart,
-            "preset": "private_chat",
-            "visibility": "private",
-            "invite": invite or [],
-        }
-        if name:
-            body["name"] = name
-        if topic:
-            body["topic"] = topic
+        state = []
         if avatar_mxc:
-            body["initial_state"] = [
-                {"type": "m.room.avatar", "state_key": "", "content": {"url": avatar_mxc}}
-            ]
+            state.append({"type": "m.room.avatar", "state_key": "", "content": {"url": avatar_mxc}})
+        bot = self.intent()
+        existing = False
 
-        async def settle() -> dict[str, Any] | None:
+        async def make() -> str:
+            return await bot.create_room(
+                alias_localpart=alias_localpart,
+                visibility=RoomDirectoryVisibility.PRIVATE,
+                preset=RoomCreatePreset.PRIVATE,
+                name=name,
+                topic=topic,
+                invitees=list(invite or []),
+                initial_state=state,  # a list: mautrix iterates it after the call
+            )
+
+        async def settle() -> str | None:
+            nonlocal existing
             room = await self.resolve_alias(alias)
-            return {"room_id": room, "_existing": True} if room else None
+            existing = room is not None
+            return room
 
         try:
-            data = await self.request("POST", f"{CLIENT}/createRoom", json=body, settle=settle)
-        except MatrixError as exc:
-            if exc.errcode != "M_ROOM_IN_USE":
-                raise
+            room_id = str(await self.call("create room", make, settle=settle))
+        except MRoomInUse:
             room = await self.resolve_alias(alias)
             if room is None:
                 raise
-            return room, False
-        return str(data["room_id"]), not data.get("_existing", False)
+            room_id, existing = room, True
+        # The bot made the room, so it is in it: its intent need not join first.
+        await self._api.state_store.joined(room_id, self.bot)
+        return room_id, not existing
 
     async def invite(self, room_id: str, user_id: str) -> None:
-        await self.request("POST", f"{CLIENT}/rooms/{q(room_id)}/invite", json={"user_id": user_id})
+        bot = self.intent()
+        await self.call("invite", lambda: bot.invite_user(room_id, user_id, ensure_joined=False))
 
     async def join(self, room_id: str, user_id: str) -> None:
-        await self.request("POST", f"{CLIENT}/join/{q(room_id)}", json={}, as_user=user_id)
+        ghost = self.intent(user_id)
+        await self.call("join", lambda: ghost.join_room_by_id(room_id))
+        await self._api.state_store.joined(room_id, user_id)
 
     async def joined_members(self, room_id: str) -> set[str]:
-        data = await self.request("GET", f"{CLIENT}/rooms/{q(room_id)}/joined_members")
-        return set((data.get("joined") or {}).keys())
+        bot = self.intent()
+        members = await self.call(
+            "joined members", lambda: bot.get_joined_members(room_id, ensure_joined=False)
+        )
+        return set(members)
 
     async def send(
         self,
@@ -311,23 +414,21 @@ class MatrixClient:
         *,
         as_user: str | None = None,
         ts: int | None = None,
-        settle: Settle | None = None,
+        settle: Settle[str] | None = None,
         slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Send one event with a stable txn id and a massaged timestamp; returns its id."""
-        params: dict[str, Any] = {}
-        if ts is not None:
-            params["ts"] = ts
-        data = await self.request(
-            "PUT",
-            f"{CLIENT}/rooms/{q(room_id)}/send/{q(event_type)}/{q(txn_id)}",
-            params=params,
-            json=content,
-            as_user=as_user,
+        sender = self.intent(as_user)
+        kind = EventType.find(event_type, t_class=EventType.Class.MESSAGE)
+        eid = await self.call(
+            f"send {event_type}",
+            lambda: sender.send_message_event(
+                room_id, kind, content, txn_id=txn_id, timestamp=ts, ensure_joined=False
+            ),
             settle=settle,
             slot=slot,
         )
-        return str(data["event_id"])
+        return str(eid)
 
     async def redact(
         self,
@@ -337,19 +438,22 @@ class MatrixClient:
         content: dict[str, Any],
         *,
         as_user: str | None = None,
-        settle: Settle | None = None,
+        settle: Settle[str] | None = None,
         slot: asyncio.Semaphore | None = None,
     ) -> str:
-        """Redact an event. The endpoint takes no ``ts``: redactions carry the current time."""
-        data = await self.request(
-            "PUT",
-            f"{CLIENT}/rooms/{q(room_id)}/redact/{q(event_id)}/{q(txn_id)}",
-            json=content,
-            as_user=as_user,
-            settle=settle,
-            slot=slot,
-        )
-        return str(data["event_id"])
+        """Redact an event. The endpoint takes no ``ts``: redactions carry the current time.
+
+        mautrix's ``IntentAPI.redact`` draws a random txn id, so the request is
+        built on its API with our deterministic one.
+        """
+        api = self.intent(as_user).api
+        path = Path.v3.rooms[room_id].redact[event_id][txn_id]
+
+        async def make() -> str:
+            answer = await api.request(Method.PUT, path, dict(content))
+            return str(answer["event_id"])
+
+        return await self.call("redact", make, settle=settle, slot=slot)
 
     async def upload(
         self,
@@ -359,31 +463,23 @@ class MatrixClient:
         slot: asyncio.Semaphore | None = None,
     ) -> str:
         """Upload to the media repository; returns the ``mxc://`` URI."""
-        params = {"filename": filename} if filename else None
-        result = await self.request(
-            "POST", MEDIA_UPLOAD, params=params, data=data, content_type=content_type, slot=slot
+        bot = self.intent()
+        uri = await self.call(
+            "upload",
+            lambda: bot.upload_media(data, mime_type=content_type, filename=filename),
+            slot=slot,
         )
-        return str(result["content_uri"])
+        return str(uri)
 
     async def download(self, mxc: str) -> bytes:
         """Fetch media back from the homeserver (authenticated media endpoint)."""
         if not mxc.startswith("mxc://"):
             raise MediaError(f"not an mxc URI: {mxc!r}")
-        server, _, media_id = mxc[len("mxc://") :].partition("/")
-        url = f"{self.base_url}{MEDIA_DOWNLOAD}/{q(server)}/{q(media_id)}"
-        headers = {"Authorization": f"Bearer {self._token}"}
-        async with self._session.get(URL(url, encoded=True), headers=headers) as resp:
-            raw = await resp.read()
-            if resp.status != 200:
-                payload = _json_object(raw)
-                raise MatrixError(
-                    resp.status,
-                    str(payload.get("errcode", "M_UNKNOWN")),
-                    self.scrub(str(payload.get("error", ""))),
-                    "GET",
-                    MEDIA_DOWNLOAD,
-                )
-            return raw
+        bot = self.intent()
+        try:
+            return await self.call("download", lambda: bot.download_media(mxc))
+        except aiohttp.ClientResponseError as exc:
+            raise make_request_error(exc.status, "", "M_UNKNOWN", self.scrub(exc.message)) from None
 
     async def fetch_url(self, url: str) -> tuple[bytes, str]:
         """Download network media under ``media_policy`` (see ``fetch.fetch_url``); no token."""
@@ -401,13 +497,16 @@ class MatrixClient:
         as_user: str | None = None,
         filter: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        params: dict[str, Any] = {"dir": direction, "limit": limit}
+        """One page of ``/messages`` as plain JSON."""
+        params: dict[str, Any] = {"dir": direction, "limit": str(limit)}
         if start:
             params["from"] = start
         if filter:
             params["filter"] = orjson.dumps(filter).decode()
-        return await self.request(
-            "GET", f"{CLIENT}/rooms/{q(room_id)}/messages", params=params, as_user=as_user
+        api = self.intent(as_user).api
+        path = Path.v3.rooms[room_id].messages
+        return await self.call(
+            "read messages", lambda: api.request(Method.GET, path, query_params=params)
         )
 
     async def timeline(
@@ -427,23 +526,10 @@ class MatrixClient:
             if not chunk or not token:
                 return events
 
-
-def _json_object(raw: bytes) -> dict[str, Any]:
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _retry_after(header: str | None, payload: dict[str, Any]) -> float:
-    """Seconds to wait after a 429: Retry-After header first, then retry_after_ms."""
-    if header:
-        try:
-            return max(0.0, float(header))
-        except ValueError:
-            pass
-    ms = payload.get("retry_after_ms")
-    if isinstance(ms, int | float) and not isinstance(ms, bool):
-        return max(0.0, ms / 1000)
-    return 1.0
+    async def get(self, *segments: str, as_user: str | None = None) -> dict[str, Any]:
+        """A GET under ``/_matrix/client/v3``, each segment quoted (reading state back)."""
+        path = Path.v3
+        for segment in segments:
+            path = path[segment]
+        api = self.intent(as_user).api
+        return await self.call("get", lambda: api.request(Method.GET, path))

@@ -28,7 +28,7 @@ import asyncio
 import hashlib
 import logging
 
-from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.client import MatrixClient, MatrixRequestError
 from connectors.matrix.fetch import MediaError
 from connectors.matrix.media import media_uri
 from connectors.matrix.store import SinkStore
@@ -177,6 +177,7 @@ class Ghosts:
                 row = await self.store.ghost(user_id)
                 if row is not None:
                     cached = (row["displayname"], row["avatar_source"])
+                    await self.client.registered(user_id)
             if cached is None:
                 await self.client.register(local)
                 cached = (None, None)
@@ -188,7 +189,7 @@ class Ghosts:
                 try:
                     mxc = await media_uri(self.client, new_avatar)
                     await self.client.set_avatar(user_id, mxc)
-                except (MediaError, MatrixError) as exc:
+                except (MediaError, MatrixRequestError) as exc:
                     log.warning("avatar for %s not set: %s", user_id, exc)
             if (new_name, new_avatar) != cached or await self.store.ghost(user_id) is None:
                 await self.store.save_ghost(user_id, new_name, new_avatar)

@@ -6,7 +6,7 @@ import logging
 
 from aiokafka import AIOKafkaProducer
 
-from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.client import MatrixClient, MatrixRequestError, MForbidden
 from connectors.matrix.fetch import MediaError
 from connectors.matrix.ghosts import Ghosts, alias_localpart
 from connectors.matrix.media import media_uri
@@ -50,13 +50,11 @@ class Rooms:
             return
         try:
             await self.client.join(room.room_id, user_id)
-        except MatrixError as exc:
-            if exc.status != 403:
-                raise
+        except MForbidden:
             try:
                 await self.client.invite(room.room_id, user_id)
-            except MatrixError as inv:
-                if "already" not in inv.error:  # "already in the room" is fine
+            except MForbidden as inv:
+                if "already" not in (inv.message or ""):  # "already in the room" is fine
                     raise
             await self.client.join(room.room_id, user_id)
         room.joined.add(user_id)
@@ -91,7 +89,7 @@ class Rooms:
             if cmd.avatar_url:
                 try:
                     avatar = await media_uri(self.client, cmd.avatar_url)
-                except (MediaError, MatrixError) as exc:
+                except (MediaError, MatrixRequestError) as exc:
                     log.warning("room avatar for %s not set: %s", key, exc)
             room_id, created = await self.client.create_room(
                 local, name=cmd.name, topic=cmd.topic, invite=ghosts, avatar_mxc=avatar

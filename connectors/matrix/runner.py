@@ -7,7 +7,12 @@ from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from connectors.matrix.client import MatrixClient, MatrixError, MatrixUnreachable
+from connectors.matrix.client import (
+    MatrixClient,
+    MatrixRequestError,
+    MatrixUnreachable,
+    describe,
+)
 from connectors.matrix.fetch import MediaPolicy
 from connectors.matrix.registration import Registration, RegistrationError, load_registration
 from connectors.matrix.sink import MatrixSink, SinkError
@@ -49,11 +54,11 @@ async def open_client(settings: Settings, registration: Registration) -> MatrixC
         raise SinkError(
             f"cannot reach the homeserver at {settings.homeserver.url}: {exc}"
         ) from None
-    except MatrixError as exc:
+    except MatrixRequestError as exc:
         await client.close()
         raise SinkError(
             f"the homeserver at {settings.homeserver.url} refused the appservice token: "
-            f"{exc.errcode}: {exc.error}"
+            f"{describe(exc)}"
         ) from None
     return client
 

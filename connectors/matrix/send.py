@@ -12,9 +12,8 @@ import asyncio
 import hashlib
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
 
-from connectors.matrix.client import MatrixClient, MatrixError
+from connectors.matrix.client import MatrixClient, MatrixRequestError, describe
 from connectors.matrix.content import build_content, redaction_content
 from connectors.matrix.fetch import MediaError
 from connectors.matrix.ghosts import Ghosts
@@ -25,7 +24,7 @@ from connectors.matrix.settle import scan, settle_startup
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import Intent, Mapped, SinkStore
 from topics.records import NetworkMessage
-from topics.retry import Verdict, classify
+from topics.retry import RetryExhausted, Verdict, classify
 
 log = logging.getLogger("backflow.sink")
 
@@ -44,8 +43,8 @@ class Unresolvable(Exception):
 
 def refusal(exc: Exception) -> str:
     """The dead-letter reason for a message the homeserver (or its input) refused."""
-    if isinstance(exc, MatrixError):
-        return f"homeserver refused: {exc.errcode}: {exc.error} (HTTP {exc.status})"
+    if isinstance(exc, MatrixRequestError):
+        return f"homeserver refused: {describe(exc)}"
     if isinstance(exc, MediaError | Unresolvable):
         return str(exc)
     return f"refused: {type(exc).__name__}: {exc}"
@@ -107,8 +106,8 @@ class MessageSender:
                     # our database rejects such as a NUL in a display name): dead
                     # letter, the rest keeps flowing. Transient trouble propagates
                     # and the batch is retried.
-                    if classify(exc) is not Verdict.PERMANENT:
-                        raise
+                    if isinstance(exc, RetryExhausted) or classify(exc) is not Verdict.PERMANENT:
+                        raise  # the homeserver stayed away: stop, do not dead-letter
                     await self.dead_letter(item, refusal(exc))
                     failed.append(intent)
                     continue
@@ -141,7 +140,7 @@ class MessageSender:
         await self.rooms.ensure_member(room, ghost)
         stop = room.last_event
 
-        async def settle() -> dict[str, Any] | None:
+        async def settle() -> str | None:
             # The send failed without an answer: did it land anyway?
             found = await scan(self.client, room.room_id, key, stop)
             hit = found.get((msg.id, msg.part))
@@ -149,7 +148,7 @@ class MessageSender:
                 return None
             self.stats.settled += 1
             log.info("portal %s: in-doubt send of %s found in the room", key, msg.id)
-            return {"event_id": hit[0]}
+            return hit[0]
 
         target: Mapped | None = None
         if c.kind in ("edit", "reaction", "redaction"):

@@ -102,9 +102,9 @@ async def test_backfill_order_ts_html_and_ghosts(stack: Settings) -> None:
         assert html["format"] == "org.matrix.custom.html"
         assert html["formatted_body"] == '<b>bold</b><a>j</a><a href="https://ok.example">ok</a>'
         # ghost display names and room metadata as Synapse has them
-        prof = await client.request("GET", f"/_matrix/client/v3/profile/{alice}")
+        prof = await client.get("profile", alice)
         assert prof["displayname"] == "Alice A."
-        state = await client.request("GET", f"/_matrix/client/v3/rooms/{room}/state")
+        state = await client.get("rooms", room, "state")
         names = [s["content"].get("name") for s in state if s["type"] == "m.room.name"]
         topics = [s["content"].get("topic") for s in state if s["type"] == "m.room.topic"]
         assert names == ["Portal name"] and topics == ["Portal topic"]
