@@ -1,24 +1,10 @@
-"""The sink's one seam to the homeserver: mautrix's appservice API under backflow's retry policy.
+"""The sink's Matrix client: mautrix's appservice API, one method per endpoint it uses.
 
 mautrix (the mautrix bridges' own library) builds every request: the bot's and
 each ghost's ``IntentAPI``, typed paths, ``ts`` massaging, its typed errors
-(``mautrix.errors``). What makes the sink exactly-once and fair is added here,
-because a bridge leaves it to its own code too:
-
-* Every call runs under the one retry policy (``topics.retry``); mautrix's own
-  retries are off (``default_retry_count=0``), so nothing retries twice and
-  nothing retries forever.
-* Transaction ids are the caller's (deterministic per message part), for sends
-  and redactions alike; mautrix would pick random ones.
-* A 429 waits for ``Retry-After`` (the header, else ``retry_after_ms`` in the
-  body; mautrix's ``MLimitExceeded`` keeps neither, so an aiohttp trace, a
-  public aiohttp API, notes them) *outside* the room's concurrency slot.
-* 502/503/504/408, connection errors and timeouts may have taken effect: before
-  the retry an optional ``settle`` callback looks the result up (a retried txn
-  id is not deduplicated after a homeserver restart).
-* 500 is retried a few times (a restarting homeserver), then permanent.
-* Other refusals are raised as mautrix's typed errors, their text scrubbed of
-  the token, which only ever travels in the ``Authorization`` header.
+(``mautrix.errors``). Every method runs through ``Calls.call`` (calls.py), the
+retry policy that keeps sends exactly-once. Transaction ids are the caller's
+(deterministic per message part) for sends and redactions alike.
 
 Reading rooms back (``timeline``) returns the events as plain JSON: callers
 compare bodies and keys, and mautrix's event classes would only convert them.
@@ -27,12 +13,9 @@ compare bodies and keys, and mautrix's event classes would only convert them.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -40,8 +23,6 @@ from mautrix.api import Method, Path
 from mautrix.appservice import AppServiceAPI, ASStateStore, IntentAPI
 from mautrix.client.state_store import MemoryStateStore
 from mautrix.errors import (
-    IntentError,
-    MatrixConnectionError,
     MatrixRequestError,
     MForbidden,
     MNotFound,
@@ -49,14 +30,22 @@ from mautrix.errors import (
     MUserInUse,
     make_request_error,
 )
-from mautrix.types import EventType, RoomCreatePreset, RoomDirectoryVisibility
+from mautrix.types import EventType, RoomCreatePreset, RoomDirectoryVisibility, Serializable
 
+from connectors.matrix.calls import (
+    MAX_500_RETRIES,
+    Calls,
+    MatrixUnreachable,
+    Settle,
+    describe,
+    trace_config,
+)
 from connectors.matrix.fetch import MediaError, MediaPolicy, fetch_url, media_session
-from topics.retry import RetryPolicy, Transient, retry
 
 log = logging.getLogger("backflow.sink.client")
 
 __all__ = [
+    "MAX_500_RETRIES",
     "MatrixClient",
     "MatrixRequestError",
     "MatrixUnreachable",
@@ -64,32 +53,7 @@ __all__ = [
     "describe",
 ]
 
-_TRANSIENT_STATUS = frozenset({502, 503, 504, 408})
-MAX_500_RETRIES = 5
 INTENT_CACHE = 4096  # ghost intents kept ready; each holds a few dozen bound wrappers
-
-T = TypeVar("T")
-Settle = Callable[[], Awaitable[T | None]]
-
-
-_UNREACHABLE = (MatrixConnectionError, aiohttp.ClientError, TimeoutError, OSError)
-_FAILURES = (MatrixRequestError, IntentError, *_UNREACHABLE)
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The failure itself: an intent's implicit join wraps it in ``IntentError``."""
-    if isinstance(exc, IntentError) and isinstance(exc.__cause__, _FAILURES):
-        return _cause(exc.__cause__)
-    return exc
-
-
-class MatrixUnreachable(Exception):
-    """The homeserver does not answer at all (used for startup checks)."""
-
-
-def describe(exc: MatrixRequestError) -> str:
-    """``ERRCODE: message (HTTP status)``: one line for logs, errors and dead letters."""
-    return f"{exc.errcode}: {exc.message} (HTTP {exc.http_status})"
 
 
 class _StateStore(ASStateStore, MemoryStateStore):
@@ -100,55 +64,7 @@ class _StateStore(ASStateStore, MemoryStateStore):
         MemoryStateStore.__init__(self)
 
 
-class _Answer:
-    """What the aiohttp trace saw of a refused request: status, Retry-After, body start."""
-
-    __slots__ = ("status", "retry_after", "body")
-
-    def __init__(self) -> None:
-        self.status = 0
-        self.retry_after: str | None = None
-        self.body = b""
-
-    def wait(self) -> float:
-        if self.retry_after:
-            try:
-                return max(0.0, float(self.retry_after))
-            except ValueError:
-                pass
-        try:
-            ms = orjson.loads(self.body).get("retry_after_ms")
-        except (orjson.JSONDecodeError, AttributeError):
-            ms = None
-        if isinstance(ms, int | float) and not isinstance(ms, bool):
-            return max(0.0, ms / 1000)
-        return 1.0
-
-
-_ANSWER: contextvars.ContextVar[_Answer | None] = contextvars.ContextVar("answer", default=None)
-
-
-async def _on_request_end(_s: Any, _c: Any, params: aiohttp.TraceRequestEndParams) -> None:
-    answer = _ANSWER.get()
-    if answer is not None:
-        answer.status = params.response.status
-        answer.retry_after = params.response.headers.get("Retry-After")
-
-
-async def _on_chunk(_s: Any, _c: Any, params: aiohttp.TraceResponseChunkReceivedParams) -> None:
-    answer = _ANSWER.get()
-    if answer is not None and answer.status == 429 and len(answer.body) < 4096:
-        answer.body += params.chunk[:4096]
-
-
-def _trace() -> aiohttp.TraceConfig:
-    trace = aiohttp.TraceConfig()
-    trace.on_request_end.append(_on_request_end)
-    trace.on_response_chunk_received.append(_on_chunk)
-    return trace
-
-
-class MatrixClient:
+class MatrixClient(Calls):
     """Async appservice client. Use ``async with`` or call ``close()``."""
 
     def __init__(
@@ -164,16 +80,14 @@ class MatrixClient:
         connections: int = 100,
         media_policy: MediaPolicy | None = None,
     ) -> None:
+        super().__init__(as_token, max_retry_delay, give_up_after)
         self.base_url = base_url.rstrip("/")
-        self._token = as_token
         self.server_name = server_name
         self.bot = f"@{sender_localpart}:{server_name}"
-        self.max_retry_delay = max_retry_delay
-        self.give_up_after = give_up_after
         self._session = aiohttp.ClientSession(
             connector=aiohttp.TCPConnector(limit=connections),
             timeout=aiohttp.ClientTimeout(total=timeout),
-            trace_configs=[_trace()],
+            trace_configs=[trace_config()],
         )
         self._api = AppServiceAPI(
             self.base_url,
@@ -185,7 +99,6 @@ class MatrixClient:
             default_retry_count=0,
         )
         self._intents: OrderedDict[str, IntentAPI] = OrderedDict()
-        self.stats = {"requests": 0, "rate_limited": 0, "transient": 0}
         # Network media gets its own session: its resolver refuses non-public
         # addresses, which the homeserver (often on localhost) must not be.
         self.media_policy = media_policy or MediaPolicy()
@@ -201,9 +114,6 @@ class MatrixClient:
         await self._session.close()
         if self._media is not None:
             await self._media.close()
-
-    def scrub(self, text: str) -> str:
-        return text.replace(self._token, "***") if self._token else text
 
     def __repr__(self) -> str:
         return f"MatrixClient({self.base_url!r}, bot={self.bot!r})"
@@ -222,81 +132,6 @@ class MatrixClient:
         else:
             self._intents.move_to_end(user_id)
         return found
-
-    # ------------------------------------------------------------ retry policy
-
-    async def call(
-        self,
-        what: str,
-        make: Callable[[], Awaitable[T]],
-        *,
-        settle: Settle[T] | None = None,
-        slot: asyncio.Semaphore | None = None,
-        retry_transient: bool = True,
-    ) -> T:
-        """Run one mautrix call under the policy in the module docstring.
-
-        ``slot`` (the sink's per-room concurrency semaphore) is held only while
-        an attempt is on the wire: the retry policy waits outside ``attempt``,
-        so a rate-limited room does not keep another room from sending.
-        """
-        in_doubt = False
-        errors_500 = 0
-
-        async def attempt() -> T:
-            nonlocal in_doubt, errors_500
-            if in_doubt and settle is not None:
-                found = await settle()
-                if found is not None:
-                    return found
-            answer = _Answer()
-            token = _ANSWER.set(answer)
-            self.stats["requests"] += 1
-            try:
-                async with slot or nullcontext():
-                    return await make()
-            except _FAILURES as exc:
-                failure = _cause(exc)
-                if isinstance(failure, MatrixRequestError):
-                    status = failure.http_status
-                    if status == 429:
-                        in_doubt = False  # refused before any effect: safe to repeat as is
-                        self.stats["rate_limited"] += 1
-                        wait = min(answer.wait(), self.max_retry_delay)
-                        raise Transient(f"{what}: rate limited", retry_after=wait) from None
-                    transient = status in _TRANSIENT_STATUS
-                    if transient or (status == 500 and errors_500 < MAX_500_RETRIES):
-                        errors_500 += not transient
-                        in_doubt = True
-                        raise Transient(self.scrub(f"{what}: {describe(failure)}")) from None
-                    raise self._scrubbed(failure) from None
-                if isinstance(failure, _UNREACHABLE):
-                    in_doubt = True
-                    problem = self.scrub(f"{what}: {type(failure).__name__}: {failure}")
-                    if not retry_transient:
-                        raise MatrixUnreachable(problem) from None
-                    raise Transient(problem) from None
-                raise
-            finally:
-                _ANSWER.reset(token)
-
-        def count(exc: BaseException, delay: float) -> None:
-            if "rate limited" not in str(exc):
-                self.stats["transient"] += 1
-
-        policy = RetryPolicy(
-            first_delay=0.25, max_delay=self.max_retry_delay, give_up_after=self.give_up_after
-        )
-        return await retry(attempt, what, policy, on_transient=count)
-
-    def _scrubbed(self, exc: MatrixRequestError) -> MatrixRequestError:
-        """The same typed error, its text without the token."""
-        return make_request_error(
-            http_status=exc.http_status,
-            text=self.scrub(str(getattr(exc, "text", "") or "")),
-            errcode=exc.errcode,
-            message=self.scrub(str(exc.message or "")),
-        )
 
     # ------------------------------------------------------------ endpoints
 
@@ -328,9 +163,7 @@ class MatrixClient:
 
     async def set_displayname(self, user_id: str, name: str) -> None:
         ghost = self.intent(user_id)
-        await self.call(
-            "set displayname", lambda: ghost.set_displayname(name, check_current=False)
-        )
+        await self.call("set displayname", lambda: ghost.set_displayname(name, check_current=False))
 
     async def set_avatar(self, user_id: str, mxc: str) -> None:
         ghost = self.intent(user_id)
@@ -409,7 +242,7 @@ class MatrixClient:
         self,
         room_id: str,
         event_type: str,
-        content: dict[str, Any],
+        content: dict[str, Any] | Serializable,
         txn_id: str,
         *,
         as_user: str | None = None,

@@ -2,7 +2,9 @@
 
 The sink resolves everything that needs the homeserver or the database first
 (media -> mxc URI, reply/edit/reaction targets -> event ids) and passes the
-results in; this module only shapes JSON. Every event carries
+results in; this module only shapes the content, as mautrix's typed event
+content (which serializes edits, replies and threads the way the mautrix
+bridges send them). Every event carries
 ``fi.backflow.source`` so the sink (and anyone else) can recognise it later,
 which is what settling in-doubt sends after a crash relies on.
 """
@@ -13,6 +15,22 @@ import re
 from typing import Any
 
 import nh3
+from mautrix.types import (
+    AudioInfo,
+    EventID,
+    FileInfo,
+    Format,
+    ImageInfo,
+    LocationMessageEventContent,
+    MediaInfo,
+    MediaMessageEventContent,
+    MessageType,
+    ReactionEventContent,
+    RelatesTo,
+    RelationType,
+    TextMessageEventContent,
+    VideoInfo,
+)
 
 from topics.records import Content, NetworkMessage
 
@@ -80,33 +98,52 @@ def source_of(message: NetworkMessage) -> dict[str, Any]:
     }
 
 
-def _text(msgtype: str, body: str, html: str | None) -> dict[str, Any]:
-    content: dict[str, Any] = {"msgtype": msgtype, "body": body}
+def _text(msgtype: MessageType, body: str, html: str | None) -> TextMessageEventContent:
+    content = TextMessageEventContent(msgtype=msgtype, body=body)
     if html:
         clean = sanitize_html(html)
         if clean.strip():
-            content["format"] = "org.matrix.custom.html"
-            content["formatted_body"] = clean
+            content.format = Format.HTML
+            content.formatted_body = clean
     return content
 
 
-_MSGTYPES = {"text": "m.text", "notice": "m.notice", "emote": "m.emote"}
-_MEDIA_MSGTYPES = {"image": "m.image", "file": "m.file", "audio": "m.audio", "video": "m.video"}
+_MSGTYPES = {"text": MessageType.TEXT, "notice": MessageType.NOTICE, "emote": MessageType.EMOTE}
+_MEDIA_MSGTYPES = {
+    "image": MessageType.IMAGE,
+    "file": MessageType.FILE,
+    "audio": MessageType.AUDIO,
+    "video": MessageType.VIDEO,
+}
 
 
-def media_info(c: Content, size: int | None = None) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    if c.mimetype:
-        info["mimetype"] = c.mimetype
-    if size is not None or c.size is not None:
-        info["size"] = size if size is not None else c.size
-    if c.width is not None:
-        info["w"] = c.width
-    if c.height is not None:
-        info["h"] = c.height
-    if c.duration_ms is not None:
-        info["duration"] = c.duration_ms
-    return info
+def media_info(c: Content, size: int | None = None) -> MediaInfo:
+    """The info block of the msgtype: dimensions for images and video, duration for
+    audio and video (the spec's fields for each)."""
+    kind = c.media_type or "file"
+    size = size if size is not None else c.size
+    if kind == "audio":
+        return AudioInfo(mimetype=c.mimetype, size=size, duration=c.duration_ms)
+    if kind == "video":
+        return VideoInfo(
+            mimetype=c.mimetype, size=size, width=c.width, height=c.height, duration=c.duration_ms
+        )
+    if kind == "image":
+        return ImageInfo(mimetype=c.mimetype, size=size, width=c.width, height=c.height)
+    return FileInfo(mimetype=c.mimetype, size=size)
+
+
+class _Edit(TextMessageEventContent):
+    """An edit whose ``m.new_content`` (mautrix copies the whole content into it)
+    leaves out our source marker: the marker names the edit, not the new text."""
+
+    def serialize(self) -> dict[str, Any]:
+        data = super().serialize()
+        data["m.new_content"].pop(SOURCE_KEY, None)
+        return data
+
+
+Built = TextMessageEventContent | LocationMessageEventContent | ReactionEventContent
 
 
 def build_content(
@@ -117,8 +154,8 @@ def build_content(
     reply_event: str | None = None,
     thread_root: str | None = None,
     target_event: str | None = None,
-) -> tuple[str, dict[str, Any]]:
-    """(event type, content) for a message whose references are already resolved.
+) -> tuple[str, Built]:
+    """(event type, mautrix content) for a message whose references are already resolved.
 
     ``reply_event`` / ``thread_root``: event ids of ``reply_to`` / ``thread``
     (None when unknown: sent without the relation). ``target_event``: the event
@@ -127,63 +164,61 @@ def build_content(
     """
     c = message.content
     kind = c.kind
+    content: Built
+    event_type = "m.room.message"
     if kind in _MSGTYPES:
-        event_type = "m.room.message"
         content = _text(_MSGTYPES[kind], c.body or "", c.html)
     elif kind == "media":
         if mxc is None:
             raise ValueError("media content needs an uploaded mxc URI")
-        event_type = "m.room.message"
-        body = c.body or c.filename or "file"
-        content = {
-            "msgtype": _MEDIA_MSGTYPES[c.media_type or "file"],
-            "body": body,
-            "url": mxc,
-            "info": media_info(c, media_size),
-        }
-        if c.filename:
-            content["filename"] = c.filename
+        content = MediaMessageEventContent(
+            msgtype=_MEDIA_MSGTYPES[c.media_type or "file"],
+            body=c.body or c.filename or "file",
+            url=mxc,
+            info=media_info(c, media_size),
+            filename=c.filename or None,
+        )
     elif kind == "location":
-        event_type = "m.room.message"
         geo = f"geo:{c.lat},{c.lon}"
-        content = {"msgtype": "m.location", "body": c.body or f"Location: {geo}", "geo_uri": geo}
+        content = LocationMessageEventContent(
+            msgtype=MessageType.LOCATION, body=c.body or f"Location: {geo}", geo_uri=geo
+        )
     elif kind == "edit":
         if target_event is None:
             raise ValueError("an edit needs its target event")
-        event_type = "m.room.message"
-        new = _text("m.text", c.body or "", c.html)
-        content = {
-            "msgtype": "m.text",
-            "body": f"* {new['body']}",
-            "m.new_content": new,
-            "m.relates_to": {"rel_type": "m.replace", "event_id": target_event},
-        }
-        if "formatted_body" in new:
-            content["format"] = new["format"]
-            content["formatted_body"] = f"* {new['formatted_body']}"
+        # mautrix serializes an edit with the "* " fallback and m.new_content.
+        text = _text(MessageType.TEXT, c.body or "", c.html)
+        content = _Edit(
+            msgtype=text.msgtype,
+            body=text.body,
+            format=text.format,
+            formatted_body=text.formatted_body,
+        )
+        content.set_edit(EventID(target_event))
         reply_event = thread_root = None  # an edit carries no other relation
     elif kind == "reaction":
         if target_event is None:
             raise ValueError("a reaction needs its target event")
         event_type = "m.reaction"
-        content = {
-            "m.relates_to": {"rel_type": "m.annotation", "event_id": target_event, "key": c.key}
-        }
+        content = ReactionEventContent(
+            relates_to=RelatesTo(
+                rel_type=RelationType.ANNOTATION, event_id=EventID(target_event), key=c.key
+            )
+        )
         reply_event = thread_root = None
     else:
         raise ValueError(f"content kind {kind!r} is not sent as an event")
 
-    if thread_root is not None:
-        # Threads with the spec's fallback: clients without thread support see
-        # a reply to the latest known event (the root, or the explicit reply).
-        content["m.relates_to"] = {
-            "rel_type": "m.thread",
-            "event_id": thread_root,
-            "is_falling_back": reply_event is None,
-            "m.in_reply_to": {"event_id": reply_event or thread_root},
-        }
-    elif reply_event is not None:
-        content["m.relates_to"] = {"m.in_reply_to": {"event_id": reply_event}}
+    if isinstance(content, TextMessageEventContent | LocationMessageEventContent):
+        if thread_root is not None:
+            # Threads with the spec's fallback: clients without thread support see
+            # a reply to the latest known event (the root, or the explicit reply).
+            content.set_thread_parent(
+                EventID(thread_root), EventID(reply_event) if reply_event else None
+            )
+            content.relates_to.is_falling_back = reply_event is None
+        elif reply_event is not None:
+            content.set_reply(EventID(reply_event))
     content[SOURCE_KEY] = source_of(message)
     return event_type, content
 
