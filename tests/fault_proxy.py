@@ -103,6 +103,10 @@ class FaultProxy:
             Fault(502, {"errcode": "M_UNKNOWN", "error": "reply lost"}, forward=True, match=match)
         )
 
+    def clear_faults(self) -> None:
+        """Stop injecting: every later request goes to the homeserver."""
+        self._faults.clear()
+
     @property
     def pending_faults(self) -> int:
         return sum(f.times for f in self._faults)

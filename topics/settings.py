@@ -66,7 +66,10 @@ class BackfillSettings:
 @dataclass(frozen=True)
 class SinkSettings:
     max_rooms_in_flight: int = 8
-    max_retry_delay_s: float = 600.0
+    max_retry_delay_s: float = 60.0  # cap of one backoff step (and of a 429 wait)
+    # One homeserver request failing transiently this long ends its round: the
+    # command is put back and retried later, never dead-lettered for it.
+    give_up_after_s: float = 900.0
     # Media URLs in records are fetched from public addresses only; list the
     # internal hosts or networks you trust, comma-separated ("media.lan,10.2.0.0/16").
     media_allow: str = ""

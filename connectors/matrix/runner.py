@@ -45,6 +45,7 @@ async def open_client(settings: Settings, registration: Registration) -> MatrixC
         settings.homeserver.server_name,
         registration.sender_localpart,
         max_retry_delay=settings.sink.max_retry_delay_s,
+        give_up_after=settings.sink.give_up_after_s,
         media_policy=media_policy(settings),
     )
     try:

@@ -41,6 +41,16 @@ class Unresolvable(Exception):
     """An edit, reaction or redaction whose target was never bridged to this room."""
 
 
+def refused_for_good(exc: BaseException) -> bool:
+    """Permanent for this command (dead-letter it), as opposed to trouble that passes.
+
+    ``RetryExhausted`` means the homeserver (or database) stayed away for the
+    whole retry budget: the command is fine, so it waits for the next round
+    instead of becoming a dead letter.
+    """
+    return not isinstance(exc, RetryExhausted) and classify(exc) is Verdict.PERMANENT
+
+
 def refusal(exc: Exception) -> str:
     """The dead-letter reason for a message the homeserver (or its input) refused."""
     if isinstance(exc, MatrixRequestError):
@@ -106,8 +116,8 @@ class MessageSender:
                     # our database rejects such as a NUL in a display name): dead
                     # letter, the rest keeps flowing. Transient trouble propagates
                     # and the batch is retried.
-                    if isinstance(exc, RetryExhausted) or classify(exc) is not Verdict.PERMANENT:
-                        raise  # the homeserver stayed away: stop, do not dead-letter
+                    if not refused_for_good(exc):
+                        raise
                     await self.dead_letter(item, refusal(exc))
                     failed.append(intent)
                     continue

@@ -40,14 +40,13 @@ from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.queues import PortalQueue, WorkItem
 from connectors.matrix.registration import Registration
 from connectors.matrix.rooms import Rooms
-from connectors.matrix.send import MessageSender
+from connectors.matrix.send import MessageSender, refused_for_good
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore
 from connectors.sink import SinkTask
 from topics.codec import RecordError, decode
 from topics.deadletter import DeadLetters, Stage, log_source
 from topics.records import CreateRoom, SendMessage
-from topics.retry import Verdict, classify
 from topics.settings import Settings
 
 log = logging.getLogger("backflow.sink")
@@ -181,7 +180,8 @@ class MatrixSink(SinkTask):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                if classify(exc) is Verdict.PERMANENT and len(batch) > 1:
+                permanent = refused_for_good(exc)
+                if permanent and len(batch) > 1:
                     # Something in the batch is refused for good (e.g. a value
                     # Postgres rejects): go one command at a time to find it.
                     log.warning("portal %s: batch refused (%s); one by one", portal.key, exc)
@@ -190,7 +190,7 @@ class MatrixSink(SinkTask):
                         portal.queue.appendleft(item)
                     await self._one_by_one(portal, len(batch))
                     continue
-                if classify(exc) is Verdict.PERMANENT:
+                if permanent:
                     item = batch[0]
                     await self.item_dead_letter(item, f"{type(exc).__name__}: {exc}")
                     portal.room = None
@@ -222,7 +222,7 @@ class MatrixSink(SinkTask):
                     raise
                 except Exception as exc:
                     portal.room = None
-                    if classify(exc) is Verdict.PERMANENT:
+                    if refused_for_good(exc):
                         await self.item_dead_letter(item, f"{type(exc).__name__}: {exc}")
                         break
                     log.warning("portal %s: command failed (%r); retrying", portal.key, exc)

@@ -11,11 +11,13 @@ import uuid
 
 import orjson
 
+from backflow.stack.synapse import Synapse
 from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.ghosts import ghost_user_id, room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.runner import run_sink
 from connectors.matrix.store import SinkStore
+from tests.fault_proxy import fault_proxy_for
 from tests.helpers import read_raw
 from tests.sink_helpers import (
     BASE_TS,
@@ -368,3 +370,39 @@ async def test_value_the_database_refuses_is_dead_lettered_not_retried(stack: Se
     assert letter.source is not None
     assert letter.source.startswith(f"{stack.catalog.matrix_commands}[")
     assert "@" in letter.source
+
+
+async def test_homeserver_away_past_the_retry_budget_waits_not_dead_letters(
+    stack: Settings, synapse: Synapse
+) -> None:
+    """A send failing transiently longer than sink.give_up_after_s is put back, not lost.
+
+    The proxy answers every send with 503 for 4 s, four times the 1 s budget of
+    one request: the command goes round again and lands once when the homeserver
+    is back; nothing becomes a dead letter.
+    """
+    portal = portal_id()
+    msgs = [text(portal, f"w{i}", "gina", BASE_TS + i, f"away {i}") for i in range(3)]
+    await publish(stack, [create(portal, [("gina", "Gina")]), *sends(msgs)])
+    async with fault_proxy_for(synapse) as proxy:
+        busy = {"errcode": "M_UNKNOWN", "error": "upstream away"}
+        proxy.inject(503, busy, times=1_000_000, match="/send/m.room.message/")
+        settings = stack.with_overrides(
+            {
+                "homeserver.url": proxy.url,
+                "sink.give_up_after_s": 1.0,
+                "sink.max_retry_delay_s": 0.2,
+            }
+        )
+        run = asyncio.create_task(run_sink(settings, idle_exit=3.0))
+        await asyncio.sleep(4.0)
+        refused = len(proxy.requests("/send/m.room.message/", "PUT"))
+        proxy.clear_faults()
+        stats = await asyncio.wait_for(run, timeout=120)
+    assert refused >= 5, refused  # it really kept trying through the outage
+    assert stats.sent == 3 and stats.dead_letters == 0 and stats.retries >= 1, stats
+    room = await room_of(stack, portal)
+    async with client_for(stack) as client:
+        assert bodies(await room_messages(client, room)) == [f"away {i}" for i in range(3)]
+    letters = [decode(v) for _, v in await read_raw(stack, stack.catalog.dead_letters)]
+    assert [d for d in letters if d.key == f"{NET}:{portal}"] == []
