@@ -20,6 +20,7 @@ from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore, StoreUnreachable
 from connectors.sink_runtime import Committer, Rebalance, run_task
 from topics import bus
+from topics.admin import require_topics
 from topics.settings import Settings
 
 
@@ -99,6 +100,8 @@ async def run_sink(
         except StoreUnreachable as exc:
             raise SinkError(str(exc)) from None
         try:
+            # Subscribed to a missing topic, the consumer would idle without a word.
+            await require_topics(bus.bootstrap(settings), settings.catalog.sink_topics, "sink")
             producer = bus.producer(settings)
             await bus.start(producer, settings)
             consumer = bus.consumer(settings, group=settings.catalog.sink_group)
