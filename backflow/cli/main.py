@@ -254,11 +254,12 @@ def demo(ctx: click.Context) -> None:
 
 
 def _register_stage_commands() -> None:
+    from backflow.cli.deadletter import deadletter
     from backflow.cli.pipeline import status, worker
     from backflow.cli.sink import show_command, sink_command
     from backflow.cli.topics import topics
 
-    for command in (topics, worker, status, sink_command, show_command):
+    for command in (topics, deadletter, worker, status, sink_command, show_command):
         cli.add_command(command)
 
 
@@ -267,7 +268,10 @@ _register_stage_commands()
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # Outside standalone mode click returns ctx.exit()'s code instead of exiting.
+        code = cli(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
