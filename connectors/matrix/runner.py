@@ -110,13 +110,15 @@ async def run_sink(
         sink = MatrixSink(settings, registration, client, store, producer, stats)
         await sink.start()
         committer = Committer(consumer, sink)
-        consumer.subscribe(
-            [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
-        )
         try:
             await bus.start(consumer, settings)
         except bus.BusError as exc:
             raise SinkError(str(exc)) from None
+        # Subscribed after start: start() would wait for the first assignment and
+        # fail on a group error that a rejoin cures (run_task collects those).
+        consumer.subscribe(
+            [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
+        )
         await run_task(sink, consumer, committer, stop, idle_exit, tick)
         return stats
     finally:
