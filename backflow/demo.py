@@ -59,7 +59,7 @@ def broker_label(settings: Settings) -> str:
         return f"Kafka at {settings.kafka.bootstrap}"
     if not settings.kafka.bootstrap and os.environ.get("BACKFLOW_STACK_KAFKA") == "docker":
         return "Kafka in Docker"
-    return "Kafka mock cluster, in memory"
+    return "Kafka mock cluster in memory"
 
 
 def run_demo(config: Path | None) -> None:

@@ -270,5 +270,38 @@ def test_demo_names_the_broker_it_uses(tmp_path: Path) -> None:
     external = load(env={**state, "BACKFLOW_KAFKA_BOOTSTRAP": "kafka-1:9092"})
     assert broker_label(external) == "Kafka at kafka-1:9092"
     mock = {**state, "BACKFLOW_KAFKA_BOOTSTRAP": "127.0.0.1:1", "BACKFLOW_KAFKA_MOCK_BROKER": "1"}
-    assert broker_label(load(env=mock)) == "Kafka mock cluster, in memory"
-    assert broker_label(load(env=state)) == "Kafka mock cluster, in memory"
+    assert broker_label(load(env=mock)) == "Kafka mock cluster in memory"
+    assert broker_label(load(env=state)) == "Kafka mock cluster in memory"
+
+
+async def test_stack_with_an_external_broker_provisions_through_the_admin_api(
+    kafka: EmbeddedKafka | str,
+) -> None:
+    """`backflow stack up` with BACKFLOW_KAFKA_BOOTSTRAP: the control endpoint takes the
+    admin path, which sends the catalog's configs (new_topics, tested above). Here the
+    session's mock plays the external broker, so CreateTopics is refused: per topic."""
+    if isinstance(kafka, str):
+        pytest.skip("the session's mock cluster plays the external broker")
+    from aiohttp import web
+
+    from backflow.stack.daemon import _control_app
+    from tests.helpers import free_port
+
+    runner = web.AppRunner(_control_app(None, kafka.bootstrap, 3), access_log=None)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    control = f"http://127.0.0.1:{port}"
+    catalog = Catalog(prefix=unique("ext"), partitions=3)
+    try:
+        with pytest.raises(ProvisionError) as refused:
+            await provision(catalog, control_url=control)
+        report = refused.value.report
+        assert report is not None and report.broker == f"Kafka at {kafka.bootstrap}"
+        assert all("no CreateTopics" in t.notes[0] for t in report.topics)
+        await provision(catalog, embedded=kafka)
+        ok = await provision(catalog, control_url=control)
+        assert [t.status for t in ok.topics] == ["ok"] * 5
+        assert any("no DescribeConfigs" in n for n in ok.notes)
+    finally:
+        await runner.cleanup()
