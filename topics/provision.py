@@ -139,7 +139,7 @@ async def provision(
     if replication < 1:
         raise ProvisionError(f"kafka.replication_factor must be >= 1, got {replication}")
     if embedded is not None:
-        report = provision_embedded(catalog.specs(), embedded, replication)
+        report = provision_embedded(catalog.specs(), embedded, replication, fix)
     elif control_url:
         report = await _provision_via_control(catalog, control_url, replication, fix)
     elif bootstrap:
@@ -154,14 +154,16 @@ async def provision(
 
 
 def provision_embedded(
-    specs: list[TopicSpec], kafka: TopicCreator, replication: int
+    specs: list[TopicSpec], kafka: TopicCreator, replication: int, fix: bool = True
 ) -> ProvisionReport:
     """On the mock cluster in this process: create what is missing, compare partition counts."""
     existing = kafka.partition_counts()
     results = []
     for spec in specs:
         have = existing.get(spec.name)
-        if have is None:
+        if have is None and not fix:
+            results.append(TopicResult(spec.name, DRIFT, ["missing"]))
+        elif have is None:
             try:
                 kafka.create_topic(spec.name, spec.partitions, replication)
             except Exception as exc:  # noqa: BLE001 - reported per topic

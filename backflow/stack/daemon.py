@@ -171,7 +171,7 @@ def _control_app(kafka: EmbeddedKafka | None, bootstrap: str, partitions: int) -
             if kafka is not None:
                 # The mock cluster's calls block on its thread: keep the loop free.
                 report = await asyncio.to_thread(
-                    provision_embedded, catalog.specs(), kafka, replication
+                    provision_embedded, catalog.specs(), kafka, replication, fix
                 )
             else:
                 report = await provision_admin(catalog.specs(), bootstrap, replication, fix)

@@ -163,6 +163,11 @@ async def test_embedded_provisioning_reports_every_topic(kafka: EmbeddedKafka | 
     if isinstance(kafka, str):
         pytest.skip("this test drives the in-process mock cluster")
     catalog = Catalog(prefix=unique("prov"), partitions=3)
+    with pytest.raises(ProvisionError) as checked:  # --check creates nothing
+        await provision(catalog, embedded=kafka, fix=False)
+    assert checked.value.report is not None
+    assert {t.status for t in checked.value.report.topics} == {"drift"}
+    assert not any(name.startswith(catalog.prefix) for name in kafka.partition_counts())
     report = await provision(catalog, embedded=kafka)
     assert [t.status for t in report.topics] == ["created"] * 5
     again = await provision(catalog, embedded=kafka)
