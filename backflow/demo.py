@@ -8,6 +8,7 @@ message is in its room as Synapse reports it, then prints what it created.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections import Counter
 from pathlib import Path
@@ -15,10 +16,10 @@ from pathlib import Path
 import click
 import orjson
 
+from backflow.cli.topics import provision_settings
 from backflow.processes import spawn, stop
 from connectors.publish import publish_source
 from connectors.sources.jsonl import JsonlSource
-from topics.provision import provision
 from topics.settings import Settings, load
 
 DEMO_FILE = Path(__file__).with_name("demo.jsonl")
@@ -48,18 +49,29 @@ async def room_timelines(settings: Settings, portals: list[str]) -> dict[str, li
     return out
 
 
+def broker_label(settings: Settings) -> str:
+    """What the stack's broker is: the in-memory mock, or the external one it was pointed at.
+
+    Before the stack runs, ``kafka.bootstrap`` is set only by the operator
+    (BACKFLOW_KAFKA_BOOTSTRAP), which the stack then uses instead of the mock.
+    """
+    if settings.kafka.bootstrap and not settings.kafka.mock_broker:
+        return f"Kafka at {settings.kafka.bootstrap}"
+    if not settings.kafka.bootstrap and os.environ.get("BACKFLOW_STACK_KAFKA") == "docker":
+        return "Kafka in Docker"
+    return "Kafka mock cluster in memory"
+
+
 def run_demo(config: Path | None) -> None:
     from backflow.stack.daemon import read_env, start_background
 
     settings = load(config)
     if not read_env(settings.state_dir):
-        click.echo("starting the embedded stack (Kafka mock cluster, Postgres, Synapse) ...")
+        click.echo(f"starting the embedded stack ({broker_label(settings)}, Postgres, Synapse) ...")
         start_background(settings.state_dir)
         settings = load(config)
-    control = read_env(settings.state_dir).get("BACKFLOW_EMBEDDED_CONTROL")
-    asyncio.run(
-        provision(settings.catalog, bootstrap=settings.kafka.bootstrap, control_url=control)
-    )
+    click.echo(f"broker: {broker_label(settings)}")
+    asyncio.run(provision_settings(settings))
 
     click.echo(f"importing {DEMO_FILE.name}: three chats, shuffled ...")
     summary = asyncio.run(publish_source(JsonlSource(DEMO_FILE), settings))

@@ -14,6 +14,11 @@ import time
 from collections.abc import Callable
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import (
+    GroupAuthorizationFailedError,
+    KafkaError,
+    TopicAuthorizationFailedError,
+)
 
 from connectors.sink import SinkTask
 
@@ -21,6 +26,10 @@ log = logging.getLogger("backflow.sink.runtime")
 
 COMMIT_INTERVAL = 0.5  # seconds between offset commits
 FETCH_RECORDS = 1000  # records per getmany
+# Group errors in a row before giving up; a rejoin cures one, not a broken group.
+MAX_GROUP_ERRORS = 20
+# No rejoin cures these: the operator must grant the ACLs.
+GROUP_FATAL = (GroupAuthorizationFailedError, TopicAuthorizationFailedError)
 
 
 class Committer:
@@ -84,6 +93,7 @@ async def run_task(
     ``on_tick`` runs after each commit (progress reporting).
     """
     last_commit = time.monotonic()
+    group_errors = 0
     last_activity: float | None = None
     paused: set[TopicPartition] = set()
     try:
@@ -99,7 +109,21 @@ async def run_task(
                 if (paused - full) & assigned:
                     consumer.resume(*((paused - full) & assigned))
                 paused = full
-            batches = await consumer.getmany(timeout_ms=100, max_records=FETCH_RECORDS)
+            try:
+                batches = await consumer.getmany(timeout_ms=100, max_records=FETCH_RECORDS)
+            except GROUP_FATAL:
+                raise
+            except KafkaError as exc:
+                # A failed JoinGroup/SyncGroup (the mock broker answers a late
+                # follower's SyncGroup with INVALID_REQUEST): aiokafka parks the
+                # group until the error is collected, here, and then rejoins.
+                group_errors += 1
+                if group_errors > MAX_GROUP_ERRORS:
+                    raise
+                log.warning("consumer group error (%r); rejoining", exc)
+                await asyncio.sleep(0.2)
+                continue
+            group_errors = 0
             now = time.monotonic()
             got = False
             for records in batches.values():

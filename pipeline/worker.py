@@ -11,16 +11,25 @@ so a test's SIGKILL lands in the middle of a release).
 from __future__ import annotations
 
 import os
+import sys
 
+from topics import bus
 from topics import settings as settings_mod
 from topics.settings import Settings
 
 
 def run_worker(settings: Settings, loglevel: str = "info") -> None:
     """Run the faust worker until stopped (SIGTERM/SIGINT); does not return normally."""
+    import asyncio
+
     import faust
 
     from pipeline.app import make_app
+    from topics.admin import require_topics
+
+    # faust would join its group and idle on missing topics without a word.
+    topics = settings.catalog.pipeline_topics
+    asyncio.run(require_topics(bus.bootstrap(settings), topics, "pipeline worker"))
 
     chunk = int(os.environ.get("BACKFLOW_PIPELINE_FLUSH_CHUNK", "5000"))
     pause = float(os.environ.get("BACKFLOW_PIPELINE_FLUSH_PAUSE", "0"))
@@ -30,7 +39,11 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
 
 
 def main() -> None:
-    run_worker(settings_mod.load(), os.environ.get("BACKFLOW_PIPELINE_LOGLEVEL", "info"))
+    try:
+        run_worker(settings_mod.load(), os.environ.get("BACKFLOW_PIPELINE_LOGLEVEL", "info"))
+    except (bus.BusError, settings_mod.SettingsError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

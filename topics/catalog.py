@@ -65,6 +65,22 @@ class Catalog:
     def sink_group(self) -> str:
         return f"{self.prefix}-sink"
 
+    @property
+    def pipeline_topics(self) -> list[str]:
+        """What a pipeline worker reads and writes: it refuses to start without them."""
+        return [
+            self.history,
+            self.live,
+            self.portal_events,
+            self.matrix_commands,
+            self.dead_letters,
+        ]
+
+    @property
+    def sink_topics(self) -> list[str]:
+        """What the Matrix sink reads and writes: it refuses to start without them."""
+        return [self.matrix_commands, self.portal_events, self.dead_letters]
+
     def specs(self) -> list[TopicSpec]:
         p = self.partitions
         return [

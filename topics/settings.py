@@ -31,6 +31,9 @@ class KafkaSettings:
     bootstrap: str | None = None  # None: the embedded broker of `backflow stack up`
     topic_prefix: str = "backflow"
     partitions: int = 8
+    # Copies of every partition `backflow topics provision` asks for: 1 fits a
+    # single broker; docs/kafka.md recommends 3 on a production cluster.
+    replication_factor: int = 1
     # True only against librdkafka's mock cluster (set by `backflow stack up`
     # and the test fixtures that start it): turns on its workarounds
     # (pipeline/faust_compat.py, delay_leader_sync); off on Apache Kafka.

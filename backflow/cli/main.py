@@ -16,10 +16,11 @@ from pathlib import Path
 import click
 
 from backflow.cli.terminal import printable
+from backflow.cli.topics import provision_settings
 from connectors.publish import ImportSummary
 from connectors.source import SourceError, available
 from topics import bus
-from topics.provision import ProvisionError, provision
+from topics.provision import ProvisionError
 from topics.settings import Settings, SettingsError, load
 
 # Failures an operator can act on: reported as one line, exit status 1.
@@ -71,7 +72,9 @@ def stack_up(ctx: click.Context) -> None:
     settings = settings_of(ctx)
     env = start_background(settings.state_dir)
     settings = load(ctx.find_root().params.get("config"))
-    asyncio.run(provision(settings.catalog, control_url=env.get("BACKFLOW_EMBEDDED_CONTROL")))
+    report = asyncio.run(provision_settings(settings))
+    topics = ", ".join(f"{t.name} {t.status}" for t in report.topics)
+    click.echo(f"topics on {report.broker}: {topics}")
     click.echo(f"stack is up; addresses in {settings.state_dir / 'stack.env'}:")
     for name, value in env.items():
         click.echo(f"  {name}={value}")
@@ -98,41 +101,6 @@ def stack_env(ctx: click.Context) -> None:
         raise click.ClickException("the embedded stack is not running (`backflow stack up`)")
     for name, value in env.items():
         click.echo(f"export {name}={value}")
-
-
-# ------------------------------------------------------------------ topics
-
-
-@cli.group()
-def topics() -> None:
-    """The topic catalog."""
-
-
-@topics.command("list")
-@click.pass_context
-def topics_list(ctx: click.Context) -> None:
-    """Show every topic: name, partitions, retention, cleanup, contents."""
-    for spec in settings_of(ctx).catalog.specs():
-        retention = "forever" if spec.retention_ms < 0 else f"{spec.retention_ms // 86_400_000}d"
-        click.echo(
-            f"{spec.name:32} partitions={spec.partitions:<3} retention={retention:8} "
-            f"cleanup={spec.cleanup_policy:7} key={spec.key:12} values={','.join(spec.values)}"
-        )
-
-
-@topics.command("provision")
-@click.pass_context
-def topics_provision(ctx: click.Context) -> None:
-    """Create the catalog's topics (Kafka admin API, or the embedded broker)."""
-    from backflow.stack.daemon import read_env
-
-    settings = settings_of(ctx)
-    control = read_env(settings.state_dir).get("BACKFLOW_EMBEDDED_CONTROL")
-    specs = asyncio.run(
-        provision(settings.catalog, bootstrap=settings.kafka.bootstrap, control_url=control)
-    )
-    for spec in specs:
-        click.echo(f"ok {spec.name} ({spec.partitions} partitions)")
 
 
 # ------------------------------------------------------------------ import
@@ -286,10 +254,12 @@ def demo(ctx: click.Context) -> None:
 
 
 def _register_stage_commands() -> None:
+    from backflow.cli.deadletter import deadletter
     from backflow.cli.pipeline import status, worker
     from backflow.cli.sink import show_command, sink_command
+    from backflow.cli.topics import topics
 
-    for command in (worker, status, sink_command, show_command):
+    for command in (topics, deadletter, worker, status, sink_command, show_command):
         cli.add_command(command)
 
 
@@ -298,7 +268,10 @@ _register_stage_commands()
 
 def main() -> None:
     try:
-        cli(standalone_mode=False)
+        # Outside standalone mode click returns ctx.exit()'s code instead of exiting.
+        code = cli(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

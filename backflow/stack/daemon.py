@@ -5,7 +5,8 @@ process owns all embedded services (broker, Postgres if needed, Synapse) and
 publishes their addresses in ``STATE_DIR/stack.env``. Because the mock cluster
 has no CreateTopics, the daemon also serves a tiny control API on 127.0.0.1:
 
-    POST /topics  {"topics": [{"name": "...", "partitions": 8}, ...]}
+    POST /topics  {"prefix": "backflow", "partitions": 8, "replication": 1}
+                  -> the provisioning report (topics/provision.py), per topic
     GET  /health
 
 Run in the foreground with ``python -m backflow.stack.daemon STATE_DIR``.
@@ -37,6 +38,8 @@ from backflow.stack.postgres import (
 )
 from backflow.stack.private import UMASK, private_dir, tighten, write_private
 from backflow.stack.synapse import Appservice, Synapse, default_appservice, free_port
+from topics.catalog import Catalog
+from topics.provision import provision_admin, provision_embedded
 
 ENV_FILE = "stack.env"
 PID_FILE = "stack.pid"
@@ -150,41 +153,31 @@ def _check_reachable(bootstrap: str) -> None:
 # ------------------------------------------------------------------ control API
 
 
-async def _create_topics_external(bootstrap: str, topics: list[tuple[str, int]]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-    from aiokafka.errors import TopicAlreadyExistsError
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        for name, partitions in topics:
-            try:
-                await admin.create_topics([NewTopic(name, partitions, 1)])
-            except TopicAlreadyExistsError:
-                pass
-    finally:
-        await admin.close()
-
-
 def _control_app(kafka: EmbeddedKafka | None, bootstrap: str, partitions: int) -> web.Application:
     async def topics(request: web.Request) -> web.Response:
+        # One provisioning for both brokers (topics/provision.py): the mock
+        # cluster owned here, or an external broker through the admin API,
+        # which then gets every topic's catalog configs (retention!).
         try:
             body = await request.json()
-            wanted = [
-                (str(t["name"]), int(t.get("partitions", partitions))) for t in body["topics"]
-            ]
-        except (ValueError, KeyError, TypeError) as exc:
+            catalog = Catalog(
+                prefix=str(body["prefix"]), partitions=int(body.get("partitions", partitions))
+            )
+            replication = int(body.get("replication", 1))
+            fix = bool(body.get("fix", True))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             return web.json_response({"error": f"bad request: {exc!r}"}, status=400)
         try:
             if kafka is not None:
-                for name, count in wanted:
-                    # create_topic blocks on the mock cluster's thread: keep the loop free.
-                    await asyncio.to_thread(kafka.create_topic, name, count)
+                # The mock cluster's calls block on its thread: keep the loop free.
+                report = await asyncio.to_thread(
+                    provision_embedded, catalog.specs(), kafka, replication, fix
+                )
             else:
-                await _create_topics_external(bootstrap, wanted)
+                report = await provision_admin(catalog.specs(), bootstrap, replication, fix)
         except Exception as exc:  # noqa: BLE001 - reported to the caller
             return web.json_response({"error": str(exc)}, status=409)
-        return web.json_response({"created": [name for name, _ in wanted]})
+        return web.json_response(report.to_json(), status=200 if report.ok else 409)
 
     async def health(request: web.Request) -> web.Response:
         return web.json_response({"ok": True, "bootstrap": bootstrap})

@@ -165,16 +165,21 @@ class EmbeddedKafka:
 
     def partition_count(self, name: str, timeout: float = 10.0) -> int | None:
         """Partition count of ``name`` via a Metadata request (None if absent)."""
+        return self.partition_counts(timeout).get(name)
+
+    def partition_counts(self, timeout: float = 10.0) -> dict[str, int]:
+        """Every topic's partition count, from one Metadata request."""
         from confluent_kafka.admin import AdminClient
 
         # Ask for *all* topics: the mock cluster auto-creates any topic named
         # in a Metadata request, even from an admin client.
         admin = AdminClient({"bootstrap.servers": self.bootstrap, "log_level": "3"})
         md = admin.list_topics(timeout=timeout)
-        topic = md.topics.get(name)
-        if topic is None or topic.error is not None:
-            return None
-        return len(topic.partitions)
+        return {
+            name: len(topic.partitions)
+            for name, topic in md.topics.items()
+            if topic.error is None
+        }
 
     def close(self) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore, StoreUnreachable
 from connectors.sink_runtime import Committer, Rebalance, run_task
 from topics import bus
+from topics.admin import require_topics
 from topics.settings import Settings
 
 
@@ -100,6 +101,8 @@ async def run_sink(
         except StoreUnreachable as exc:
             raise SinkError(str(exc)) from None
         try:
+            # Subscribed to a missing topic, the consumer would idle without a word.
+            await require_topics(bus.bootstrap(settings), settings.catalog.sink_topics, "sink")
             producer = bus.producer(settings)
             await bus.start(producer, settings)
             consumer = bus.consumer(settings, group=settings.catalog.sink_group)
@@ -108,13 +111,15 @@ async def run_sink(
         sink = MatrixSink(settings, registration, client, store, producer, stats)
         await sink.start()
         committer = Committer(consumer, sink)
-        consumer.subscribe(
-            [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
-        )
         try:
             await bus.start(consumer, settings)
         except bus.BusError as exc:
             raise SinkError(str(exc)) from None
+        # Subscribed after start: start() would wait for the first assignment and
+        # fail on a group error that a rejoin cures (run_task collects those).
+        consumer.subscribe(
+            [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
+        )
         await run_task(sink, consumer, committer, stop, idle_exit, tick)
         return stats
     finally:

@@ -44,16 +44,26 @@ async def test_daemon_serves_everything(stack_dir: Path) -> None:
     # Idempotent: a second `up` finds the running daemon.
     assert start_background(stack_dir) == env
 
-    topic = f"daemon-{uuid.uuid4().hex[:8]}"
+    prefix = f"daemon-{uuid.uuid4().hex[:8]}"
+    topic = f"{prefix}.history"
+    control = f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics"
     async with aiohttp.ClientSession() as http:
-        body = {"topics": [{"name": topic, "partitions": 3}]}
-        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=body) as r:
+        body = {"prefix": prefix, "partitions": 3}
+        async with http.post(control, json=body) as r:
             assert r.status == 200, await r.text()
-        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=body) as r:
+            report = await r.json()
+            assert {t["status"] for t in report["topics"]} == {"created"}
+        async with http.post(control, json=body) as r:
             assert r.status == 200, await r.text()  # idempotent
-        bad = {"topics": [{"name": topic, "partitions": 5}]}
-        async with http.post(f"{env['BACKFLOW_EMBEDDED_CONTROL']}/topics", json=bad) as r:
+            assert {t["status"] for t in (await r.json())["topics"]} == {"ok"}
+        # A changed partition count is a failure per topic, never a silent "ok".
+        async with http.post(control, json={"prefix": prefix, "partitions": 5}) as r:
             assert r.status == 409
+            failed = (await r.json())["topics"]
+            assert {t["status"] for t in failed} == {"failed"}
+            assert "partitions is 3, catalog wants 5" in failed[0]["notes"][0]
+        async with http.post(control, json={"partitions": 5}) as r:
+            assert r.status == 400  # no prefix
         async with http.get(f"{env['BACKFLOW_HOMESERVER_URL']}/_matrix/client/versions") as r:
             assert r.status == 200
 
