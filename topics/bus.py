@@ -63,6 +63,19 @@ def consumer(settings: Settings, *topics: str, group: str, **overrides: object) 
     return AIOKafkaConsumer(*topics, **options)
 
 
+def reader(settings: Settings, **overrides: object) -> AIOKafkaConsumer:
+    """A group-less consumer: assigned to partitions and positioned by its caller."""
+    options: dict[str, object] = {
+        "bootstrap_servers": bootstrap(settings),
+        "group_id": None,
+        "enable_auto_commit": False,
+        "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": 50,
+    }
+    options.update(overrides)
+    return AIOKafkaConsumer(**options)
+
+
 async def start(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:
     """Start a client, turning connection failures into one clear line."""
     try:

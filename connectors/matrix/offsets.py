@@ -38,6 +38,11 @@ class OffsetTracker:
             done.discard(first)
             self._next[tp] = first + 1
 
+    def first_pending(self, tp: TopicPartition) -> int | None:
+        """The lowest unfinished offset of ``tp`` (None when nothing is in flight)."""
+        order = self._order.get(tp)
+        return order[0] if order else None
+
     def pending_in(self, tps: set[TopicPartition]) -> int:
         return sum(len(self._order.get(tp, ())) for tp in tps)
 

@@ -2,8 +2,8 @@
 
 Each portal has one queue drained by one worker task, so a room's commands
 run strictly in order. What a queue may hold is bounded per room
-(``ROOM_BUFFER``): when a room is backed up, only the partitions feeding it
-are paused, so one big portal cannot starve the others of fetches.
+(``ROOM_BUFFER``): a backed-up room's portal is parked (reread.py), so one big
+portal cannot keep the others of its partition waiting.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from connectors.matrix.store import Mapped
 from topics.records import CreateRoom, SendMessage
 
 BATCH = 100  # commands per worker turn (one DB round trip)
-ROOM_BUFFER = 1000  # commands buffered per room before its partitions pause
+ROOM_BUFFER = 1000  # commands buffered per room before its portal is parked
 
 
 @dataclass(slots=True)
@@ -29,6 +29,7 @@ class WorkItem:
     offset: int
     raw: bytes
     command: CreateRoom | SendMessage
+    reread: bool = False  # handed over by a parked portal's reader (reread.py)
 
     @property
     def source(self) -> str | None:
@@ -55,13 +56,9 @@ class PortalQueue:
         self.queue: deque[WorkItem] = deque()
         self.task: asyncio.Task[None] | None = None
         self.room: RoomState | None = None
-        # Partitions that fed this queue while it was over ROOM_BUFFER.
-        self.blocking: set[TopicPartition] = set()
 
     def push(self, item: WorkItem) -> None:
         self.queue.append(item)
-        if len(self.queue) >= ROOM_BUFFER and item.tp is not None:
-            self.blocking.add(item.tp)
 
     def take_batch(self) -> list[WorkItem]:
         """A CreateRoom alone, or up to BATCH consecutive sends."""
@@ -74,8 +71,6 @@ class PortalQueue:
                 and isinstance(self.queue[0].command, SendMessage)
             ):
                 batch.append(self.queue.popleft())
-        if self.blocking and len(self.queue) < ROOM_BUFFER // 2:
-            self.blocking.clear()  # hysteresis: resume once half drained
         return batch
 
     def put_back(self, batch: list[WorkItem]) -> None:

@@ -7,8 +7,9 @@ says is durable. The parts, one module each:
 * ``offsets``: a partition's commit position never passes an unfinished
   command (event id in the map, dead letter acknowledged, RoomCreated acked).
 * ``queues``: one queue per portal, drained by one worker task, so a room's
-  commands run strictly in order; bounded per room (full rooms pause only the
-  partitions feeding them).
+  commands run strictly in order; bounded per room.
+* ``reread``: a full room's portal is parked on its partition (the others of
+  that partition keep flowing) and re-read on its own once it has drained.
 * ``ghosts`` / ``rooms``: ghost registration and profiles; portal rooms and
   membership.
 * ``send``: exactly once per (room, portal, message id, part): skip what is in
@@ -37,13 +38,15 @@ from aiokafka.structs import ConsumerRecord
 from connectors.matrix.client import MatrixClient
 from connectors.matrix.ghosts import Ghosts
 from connectors.matrix.offsets import OffsetTracker
-from connectors.matrix.queues import PortalQueue, WorkItem
+from connectors.matrix.queues import ROOM_BUFFER, PortalQueue, WorkItem
 from connectors.matrix.registration import Registration
+from connectors.matrix.reread import Parked, commit_position, read_portal
 from connectors.matrix.rooms import Rooms
 from connectors.matrix.send import MessageSender, refused_for_good
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore
 from connectors.sink import SinkTask
+from topics import bus
 from topics.codec import RecordError, decode
 from topics.deadletter import DeadLetters, Stage, log_source
 from topics.records import CreateRoom, SendMessage
@@ -77,6 +80,9 @@ class MatrixSink(SinkTask):
         self.stats = stats
         self.tracker = OffsetTracker()
         self.portals: dict[str, PortalQueue] = {}
+        self.parked: dict[tuple[str, TopicPartition], Parked] = {}
+        self.seen: dict[TopicPartition, int] = {}  # the main consumer's next offset
+        self.closing: set[TopicPartition] = set()  # revoked, not forgotten yet
         self.turns = asyncio.Semaphore(max(1, settings.sink.max_rooms_in_flight))
         self.stopping = False
         self.dead_letters = DeadLetters(
@@ -103,32 +109,63 @@ class MatrixSink(SinkTask):
             await self.dispatch(msg)
 
     def flush(self) -> dict[TopicPartition, int]:
-        return self.tracker.positions()
+        positions = self.tracker.positions()
+        floors: dict[TopicPartition, list[int]] = {}
+        for parked in self.parked.values():
+            floor = parked.floor()
+            if floor is not None:
+                floors.setdefault(parked.tp, []).append(floor)
+        for tp, low in floors.items():
+            at = commit_position(positions.get(tp), self.tracker.first_pending(tp), low)
+            if at is not None:
+                positions[tp] = at
+        return positions
 
     def full(self) -> set[TopicPartition]:
-        if self.tracker.pending > MAX_BUFFERED:
+        # Only the memory bound pauses fetching: a single full room is parked
+        # (reread.py), so the rest of its partition keeps flowing.
+        if self.pending() > MAX_BUFFERED:
             return self.tracker.partitions()
-        blocked: set[TopicPartition] = set()
-        for portal in self.portals.values():
-            blocked |= portal.blocking
-        return blocked
+        return set()
 
     def pending(self) -> int:
-        return self.tracker.pending
+        parked = sum(p.tracker.pending + p.active for p in self.parked.values())
+        return self.tracker.pending + parked
 
     async def close(self, partitions: set[TopicPartition]) -> None:
         # Finish what we started for these partitions, so the next owner starts
         # after it (anything unfinished is settled by the next owner).
+        # Parked portals stay parked (their floor holds the commit back) until
+        # forget(); the next owner reads them from the committed position.
+        self.closing |= partitions
+        for parked in self._parked_on(partitions):
+            if parked.reader is not None:
+                parked.reader.cancel()
         deadline = time.monotonic() + CLOSE_TIMEOUT
-        while self.tracker.pending_in(partitions) and time.monotonic() < deadline:
+        while self._pending_in(partitions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         self.tracker.forget(partitions)
+        for parked in self._parked_on(partitions):
+            del self.parked[(parked.key, parked.tp)]
+        for tp in partitions:
+            self.seen.pop(tp, None)
+        self.closing -= partitions
+
+    def _parked_on(self, partitions: set[TopicPartition]) -> list[Parked]:
+        return [p for p in self.parked.values() if p.tp in partitions]
+
+    def _pending_in(self, partitions: set[TopicPartition]) -> int:
+        parked = sum(p.tracker.pending for p in self._parked_on(partitions))
+        return self.tracker.pending_in(partitions) + parked
 
     async def stop(self) -> None:
         # Let workers finish their current batch; what is unfinished is redelivered.
         self.stopping = True
+        for parked in self.parked.values():
+            if parked.reader is not None:
+                parked.reader.cancel()
         await self.drain(timeout=30)
         for portal in list(self.portals.values()):
             if portal.task is not None and not portal.task.done():
@@ -138,26 +175,40 @@ class MatrixSink(SinkTask):
 
     async def dispatch(self, msg: ConsumerRecord) -> None:
         tp = TopicPartition(msg.topic, msg.partition)
+        self.seen[tp] = msg.offset + 1
+        raw: bytes = msg.value or b""
+        source = log_source(msg.topic, msg.partition, msg.offset)
+        reason: str | None = None
+        try:
+            command = decode(raw)
+        except RecordError as exc:
+            reason = f"malformed command: {exc}"
+        else:
+            if not isinstance(command, CreateRoom | SendMessage):
+                reason = f"unexpected record type {command.TYPE!r} on the command topic"
+        if reason is not None:
+            self.tracker.add(tp, msg.offset)
+            await self._dead_letter(reason, raw, msg.key, source)
+            self.tracker.done(tp, msg.offset)
+            return
+        assert isinstance(command, CreateRoom | SendMessage)
+        parked = self.parked.get((command.key, tp))
+        if parked is not None and parked.active:
+            return  # its reader hands it over later (the commit floor keeps it)
         self.tracker.add(tp, msg.offset)
         self.stats.commands += 1
         if self.stats.first_command is None:
             self.stats.first_command = time.monotonic()
-        raw: bytes = msg.value or b""
-        source = log_source(msg.topic, msg.partition, msg.offset)
-        try:
-            command = decode(raw)
-        except RecordError as exc:
-            await self._dead_letter(f"malformed command: {exc}", raw, msg.key, source)
-            self.tracker.done(tp, msg.offset)
-            return
-        if not isinstance(command, CreateRoom | SendMessage):
-            reason = f"unexpected record type {command.TYPE!r} on the command topic"
-            await self._dead_letter(reason, raw, msg.key, source)
-            self.tracker.done(tp, msg.offset)
-            return
-        self.enqueue(WorkItem(tp, msg.offset, raw, command))
+        portal = self.enqueue(WorkItem(tp, msg.offset, raw, command))
+        if len(portal.queue) >= ROOM_BUFFER:
+            # Full: park the portal here instead of pausing the whole partition.
+            if parked is None:
+                self.parked[(command.key, tp)] = Parked(command.key, tp, msg.offset + 1)
+            else:  # still finishing what its last reader handed over
+                parked.active, parked.next_offset = True, msg.offset + 1
+            log.info("portal %s: room backed up, parked on %s", command.key, tp)
 
-    def enqueue(self, item: WorkItem) -> None:
+    def enqueue(self, item: WorkItem) -> PortalQueue:
         key = item.command.key
         portal = self.portals.get(key)
         if portal is None:
@@ -165,6 +216,69 @@ class MatrixSink(SinkTask):
         portal.push(item)
         if portal.task is None or portal.task.done():
             portal.task = asyncio.create_task(self._run_portal(portal), name=f"sink:{key}")
+        return portal
+
+    # ------------------------------------------------------------ parked portals
+
+    def _queued(self, key: str) -> int:
+        portal = self.portals.get(key)
+        return len(portal.queue) if portal is not None else 0
+
+    def _resume_parked(self, key: str) -> None:
+        """A drained room whose portal is parked: start its reader."""
+        if self._queued(key) >= ROOM_BUFFER // 2 or self.stopping:
+            return
+        for parked in list(self.parked.values()):
+            if (
+                parked.key == key
+                and parked.active
+                and not parked.reading
+                and parked.tp not in self.closing
+            ):
+                parked.reader = asyncio.create_task(
+                    self._reread(parked), name=f"sink-reread:{key}"
+                )
+
+    async def _reread(self, parked: Parked) -> None:
+        def hand_over(record: ConsumerRecord) -> None:
+            raw: bytes = record.value or b""
+            try:
+                command = decode(raw)
+            except RecordError:
+                return  # the main consumer dead-lettered it
+            if not isinstance(command, CreateRoom | SendMessage) or command.key != parked.key:
+                return
+            parked.tracker.add(parked.tp, record.offset)
+            self.stats.commands += 1
+            self.enqueue(WorkItem(parked.tp, record.offset, raw, command, reread=True))
+
+        consumer = bus.reader(self.settings)
+        try:
+            await bus.start(consumer, self.settings)
+            await read_portal(
+                parked,
+                consumer,
+                seen=lambda: self.seen.get(parked.tp, 0),
+                room_full=lambda: self._queued(parked.key) >= ROOM_BUFFER,
+                hand_over=hand_over,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("portal %s: re-reading %s failed (%r)", parked.key, parked.tp, exc)
+            await asyncio.sleep(RETRY_DELAY)
+        finally:
+            await consumer.stop()
+        parked.reader = None
+        if not parked.active:
+            log.info("portal %s: caught up on %s, unparked", parked.key, parked.tp)
+        self._drop_parked_if_done(parked)
+        self._resume_parked(parked.key)  # a failed or idle room's reader goes on
+
+    def _drop_parked_if_done(self, parked: Parked) -> None:
+        key = (parked.key, parked.tp)
+        if self.parked.get(key) is parked and parked.floor() is None and not parked.reading:
+            del self.parked[key]
 
     async def drain(self, timeout: float | None = None) -> None:
         """Wait for every queued command to finish."""
@@ -175,6 +289,7 @@ class MatrixSink(SinkTask):
     async def _run_portal(self, portal: PortalQueue) -> None:
         while portal.queue and not self.stopping:
             batch = portal.take_batch()
+            self._resume_parked(portal.key)
             try:
                 await self._process(portal, batch)
             except asyncio.CancelledError:
@@ -234,8 +349,15 @@ class MatrixSink(SinkTask):
 
     def _finished(self, batch: list[WorkItem]) -> None:
         for item in batch:
-            if item.tp is not None:
+            if item.tp is None:
+                continue
+            if not item.reread:
                 self.tracker.done(item.tp, item.offset)
+                continue
+            parked = self.parked.get((item.command.key, item.tp))
+            if parked is not None:  # else: revoked meanwhile
+                parked.tracker.done(item.tp, item.offset)
+                self._drop_parked_if_done(parked)
 
     async def _process(self, portal: PortalQueue, batch: list[WorkItem]) -> None:
         first = batch[0].command

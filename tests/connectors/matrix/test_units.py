@@ -703,35 +703,6 @@ async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
         await runner.cleanup()
 
 
-def test_room_buffer_pauses_only_the_partitions_feeding_a_full_room() -> None:
-    """Backpressure is per room: a full portal blocks its partition, others keep flowing."""
-    from connectors.matrix.queues import ROOM_BUFFER, PortalQueue, WorkItem
-    from topics.records import SendMessage
-
-    tp = TopicPartition("t", 0)
-    big, small = PortalQueue("net:big"), PortalQueue("net:small")
-
-    def item(portal: str, offset: int, part: TopicPartition) -> WorkItem:
-        m = msg(Content(kind="text", body="x"))
-        m = NetworkMessage(
-            network="net",
-            portal=portal,
-            id=f"m{offset}",
-            sender=m.sender,
-            ts=m.ts,
-            content=m.content,
-        )
-        return WorkItem(part, offset, b"", SendMessage(message=m))
-
-    for o in range(ROOM_BUFFER):
-        big.push(item("big", o, tp))
-    small.push(item("small", 0, TopicPartition("t", 1)))
-    assert big.blocking == {tp} and small.blocking == set()
-    while len(big.queue) >= ROOM_BUFFER // 2:
-        big.take_batch()
-    assert big.blocking == set()  # half drained: the partition resumes
-
-
 async def test_429_gives_the_room_slot_back_while_waiting() -> None:
     """A rate-limited request does not hold the concurrency slot during Retry-After."""
 
