@@ -46,6 +46,7 @@ FORMATS = {
     "telegram": ("telegram", "telegram"),
     "jsonl": ("jsonl", "jsonl"),
     "csv": ("csv", "csv"),
+    "signal-export": ("signal-export", "signal-export"),
 }
 DEFAULT_FORMATS = "whatsapp,whatsapp-zip,slack,telegram,jsonl"
 DEFAULT_SIZES = "100000,1000000"

@@ -192,7 +192,7 @@ def import_(
     sources = available()
     if list_formats:
         for name, cls in sources.items():
-            click.echo(f"{name:10} {cls.description}")
+            click.echo(f"{name:14} {cls.description}")
         return
     if not format or not path:
         raise click.UsageError("give FORMAT and PATH (or --list)")
