@@ -166,6 +166,19 @@ def write_signal_export(folder: Path, n: int) -> Path:
     return root
 
 
+def write_signal_backup(folder: Path, n: int) -> Path:
+    """A Signal .backup of n messages (passphrase tests.signal_backup_writer.PASSPHRASE)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
+    from tests.signal_backup_writer import BackupWriter, write_new_layout
+
+    path = folder / f"signal-{n}.backup"
+    with path.open("wb") as out:
+        writer = BackupWriter(out)
+        write_new_layout(writer, extra=n)
+        writer.end()
+    return path
+
+
 WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "whatsapp": write_whatsapp,
     "slack": write_slack,
@@ -173,6 +186,7 @@ WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "jsonl": write_jsonl,
     "csv": write_csv,
     "signal-export": write_signal_export,
+    "signal-backup": write_signal_backup,
 }
 
 
