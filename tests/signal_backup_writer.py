@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import struct
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -120,10 +120,10 @@ class BackupWriter:
         self.frame(field(6, 1))
 
 
-def group_id() -> str:
+def group_id(master_key: bytes = MASTER_KEY) -> str:
     from connectors.sources.signal_ids import group_identifier
 
-    return "__signal_group__v2__!" + group_identifier(MASTER_KEY).hex()
+    return "__signal_group__v2__!" + group_identifier(master_key).hex()
 
 
 NEW_SCHEMA = (
@@ -152,22 +152,32 @@ def bold_ranges() -> bytes:
     )
 
 
-def write_new_layout(writer: BackupWriter, extra: int = 0) -> None:
-    """A database of version 230 (``message`` table): DM with Alice and the group Hikers."""
+def write_new_layout(
+    writer: BackupWriter,
+    extra: int = 0,
+    alice: str = ALICE_ACI,
+    bob: str = BOB_ACI,
+    master_key: bytes = MASTER_KEY,
+) -> None:
+    """A database of version 230 (``message`` table): DM with Alice and the group Hikers.
+
+    Other ACIs and master key give the same chats as other portals.
+    """
     writer.database_version(230)
+    gid = group_id(master_key)
     for sql in NEW_SCHEMA:
         writer.statement(sql)
     for row in (
         {"_id": 1, "aci": SELF_ACI, "profile_joined_name": "Me"},
-        {"_id": 2, "aci": ALICE_ACI, "e164": "+15550001", "profile_joined_name": "Alice"},
-        {"_id": 3, "aci": BOB_ACI, "system_joined_name": "Bob B"},
-        {"_id": 4, "group_id": group_id()},
+        {"_id": 2, "aci": alice, "e164": "+15550001", "profile_joined_name": "Alice"},
+        {"_id": 3, "aci": bob, "system_joined_name": "Bob B"},
+        {"_id": 4, "group_id": gid},
         {"_id": 5, "e164": "+15550009", "system_joined_name": "SMS only"},
     ):
         writer.insert("recipient", row)
-    writer.insert("groups", {"_id": 1, "group_id": group_id(), "title": "Hikers"})
+    writer.insert("groups", {"_id": 1, "group_id": gid, "title": "Hikers"})
     for rid in (2, 3):
-        writer.insert("group_membership", {"group_id": group_id(), "recipient_id": rid})
+        writer.insert("group_membership", {"group_id": gid, "recipient_id": rid})
     for tid, rid in ((1, 2), (2, 4), (3, 5)):
         writer.insert("thread", {"_id": tid, "recipient_id": rid})
     rows = [
@@ -245,7 +255,7 @@ def write_old_layout(writer: BackupWriter) -> None:
 
 
 def write_backup(
-    path: Path, layout: str = "new", version: int = 1, passphrase: str = PASSPHRASE, **extra: int
+    path: Path, layout: str = "new", version: int = 1, passphrase: str = PASSPHRASE, **extra: Any
 ) -> Path:
     with path.open("wb") as out:
         writer = BackupWriter(out, passphrase, version)

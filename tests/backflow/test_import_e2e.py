@@ -151,7 +151,7 @@ async def signal_rooms_read_back(
     args = [a for k, v in options.items() for a in ("-o", f"{k}={v}")]
     result = backflow_cli(settings, "import", fmt, str(path), *args, env=env)
     assert result.returncode == 0, result.stderr
-    source = available()[fmt](path, options)
+    source = available()[fmt](path, options)  # the passphrase, if any, from os.environ
     records = [r for r in source.read() if isinstance(r, NetworkMessage)]
     portals = {r.portal for r in records}
     registration = yaml.safe_load(open(settings.appservice.registration))
@@ -208,3 +208,38 @@ async def test_signal_export_lands_with_replies_reactions_edits_and_an_image(run
     edit = events[(f"{ALICE_ACI}|{T0 + 6_000}", 0)]["content"]
     assert edit["m.relates_to"] == {"rel_type": "m.replace", "event_id": original["event_id"]}
     assert edit["m.new_content"]["body"] == "first (fixed)"
+
+
+async def test_signal_backup_lands_and_a_second_import_duplicates_nothing(
+    running, tmp_path, monkeypatch
+):
+    from tests.signal_backup_writer import SHOWN_PASSPHRASE, write_backup
+    from tests.signal_helpers import SELF_ACI, T0
+
+    settings, children = running
+    # Other contacts and group than the export's test: rooms of their own.
+    alice, bob = "a11ce000-0000-4000-8000-0000000000b2", "b0b00000-0000-4000-8000-0000000000b2"
+    path = write_backup(tmp_path / "signal.backup", alice=alice, bob=bob, master_key=b"m" * 32)
+    env = {"SIGNAL_BACKUP_PASSPHRASE": SHOWN_PASSPHRASE}
+    monkeypatch.setenv("SIGNAL_BACKUP_PASSPHRASE", SHOWN_PASSPHRASE)
+    events = await signal_rooms_read_back(settings, children, "signal-backup", path, {}, env)
+    own = events[(f"{SELF_ACI}|{T0 + 2_000}", 0)]
+    reply = events[(f"{alice}|{T0 + 3_000}", 0)]
+    assert reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == own["event_id"]
+    reaction = events[(f"{alice}|{T0 + 3_000}|reaction|{SELF_ACI}", 0)]
+    assert reaction["content"]["m.relates_to"]["event_id"] == reply["event_id"]
+    image = events[(f"{alice}|{T0 + 4_000}", 0)]["content"]
+    assert image["msgtype"] == "m.image" and image["url"].startswith("mxc://")
+    edit = events[(f"{alice}|{T0 + 6_000}", 0)]["content"]
+    assert edit["m.relates_to"]["event_id"] == events[(f"{alice}|{T0 + 5_000}", 0)]["event_id"]
+    styled = events[(f"{bob}|{T0 + 7_000}", 0)]["content"]
+    spoiler = '<span data-mx-spoiler="">you</span>'  # as the sanitizer writes the attribute
+    assert styled["formatted_body"] == f"<strong>Hello</strong> {spoiler} sss"
+
+    again = backflow_cli(settings, "import", "signal-backup", str(path), env=env)
+    assert again.returncode == 0, again.stderr
+    await asyncio.sleep(5)
+    types = ("m.room.message", "m.reaction")
+    rooms = {e["content"]["fi.backflow.source"]["portal"] for e in events.values()}
+    after = [e for p in rooms for e in await portal_timeline(settings, "signal", p, types) or []]
+    assert sorted(e["event_id"] for e in after) == sorted(e["event_id"] for e in events.values())
