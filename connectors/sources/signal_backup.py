@@ -123,6 +123,7 @@ class SignalBackupSource(Source):
                 for item in database.threads():
                     if isinstance(item, Rejected):
                         item = Rejected(f"{self.path.name}:{item.where}", item.reason, key=item.key)
+                    self.at = f"{self.path.name}:{database.where}"
                     yield item
             finally:
                 result.db.close()

@@ -68,6 +68,7 @@ class Database:
             r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")
         }
         self.people: dict[int, Person] = {}
+        self.where = ""
         self._columns: dict[str, set[str]] = {}
         self._layout: list[tuple[str, str]] | None = None
 
@@ -233,6 +234,7 @@ class Database:
 
     # ------------------------------------------------------------ messages
     def _message(self, portal: str, table: str, row: tuple, where: str) -> Iterator[SourceItem]:
+        self.where = where  # the source names records the framework refuses by it
         rowid, sent, kind, author, body, quote_id, quote_author, ranges = row[:8]
         deleted, original, expires, view_once = row[8:12]
         key = f"{NETWORK}:{portal}"
