@@ -404,8 +404,10 @@ def update_text(update: dict[str, Any]) -> str:
     if "individualCall" in update or "groupCall" in update:
         return "Call"
     simple = update.get("simpleUpdate")
-    if isinstance(simple, dict) and simple.get("type") is not None:
-        return f"Signal: {str(simple['type']).lower().replace('_', ' ')}"
+    if isinstance(simple, dict) and isinstance(simple.get("type"), str):
+        return f"Signal: {simple['type'].lower().replace('_', ' ')}"
+    if isinstance(simple, dict):
+        return "Signal: system update"  # a binary backup's enum number names no text
     kind = next(iter(update), "update")
     return f"Signal: {kind}"
 
