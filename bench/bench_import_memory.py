@@ -46,7 +46,11 @@ FORMATS = {
     "telegram": ("telegram", "telegram"),
     "jsonl": ("jsonl", "jsonl"),
     "csv": ("csv", "csv"),
+    "signal-export": ("signal-export", "signal-export"),
+    "signal-backup": ("signal-backup", "signal-backup"),
 }
+# The test passphrase of tests/signal_backup_writer.py (generated backups only).
+SIGNAL_TEST_PASSPHRASE = "123451234512345123451234512345"
 DEFAULT_FORMATS = "whatsapp,whatsapp-zip,slack,telegram,jsonl"
 DEFAULT_SIZES = "100000,1000000"
 MIB = 1024 * 1024
@@ -169,9 +173,11 @@ def generate(fmt: str, size: int, folder: Path) -> Path:
 
 def measure(fmt: str, path: Path) -> dict:
     connector, _ = FORMATS[fmt]
+    env = {**os.environ, "SIGNAL_BACKUP_PASSPHRASE": SIGNAL_TEST_PASSPHRASE}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", connector, str(path)],
         cwd=ROOT,
+        env=env,
         capture_output=True,
         text=True,
         check=False,

@@ -130,12 +130,63 @@ def write_csv(folder: Path, n: int) -> Path:
     return path
 
 
+def write_signal_export(folder: Path, n: int) -> Path:
+    """A Signal plaintext export folder: a DM and a group, n text items in main.jsonl."""
+    import base64
+    import uuid
+
+    def b64(data: bytes) -> str:
+        return base64.b64encode(data).decode("ascii")
+
+    root = folder / f"signal-export-{n}"
+    root.mkdir(parents=True, exist_ok=True)
+    frames = [
+        {"recipient": {"id": "1", "self": {}}},
+        {"recipient": {"id": "2", "contact": {"aci": b64(uuid.UUID(int=2).bytes)}}},
+        {"recipient": {"id": "3", "contact": {"aci": b64(uuid.UUID(int=3).bytes)}}},
+        {"recipient": {"id": "4", "group": {"masterKey": b64(bytes(32))}}},
+        {"chat": {"id": "10", "recipientId": "2"}},
+        {"chat": {"id": "11", "recipientId": "4"}},
+    ]
+    start = int(START.timestamp() * 1000)
+    with (root / "main.jsonl").open("w", encoding="utf-8") as out:
+        out.write(json.dumps({"version": "1", "backupTimeMs": str(start)}) + "\n")
+        for frame in frames:
+            out.write(json.dumps(frame) + "\n")
+        for i in range(n):
+            chat, author = (10, 2) if i % 2 else (11, 3)
+            item = {
+                "chatId": str(chat),
+                "authorId": str(author),
+                "dateSent": str(start + i),
+                "incoming": {},
+                "standardMessage": {"text": {"body": _text(i)}},
+            }
+            out.write(json.dumps({"chatItem": item}) + "\n")
+    return root
+
+
+def write_signal_backup(folder: Path, n: int) -> Path:
+    """A Signal .backup of n messages (passphrase tests.signal_backup_writer.PASSPHRASE)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
+    from tests.signal_backup_writer import BackupWriter, write_new_layout
+
+    path = folder / f"signal-{n}.backup"
+    with path.open("wb") as out:
+        writer = BackupWriter(out)
+        write_new_layout(writer, extra=n)
+        writer.end()
+    return path
+
+
 WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "whatsapp": write_whatsapp,
     "slack": write_slack,
     "telegram": write_telegram,
     "jsonl": write_jsonl,
     "csv": write_csv,
+    "signal-export": write_signal_export,
+    "signal-backup": write_signal_backup,
 }
 
 

@@ -117,12 +117,12 @@ def stage_env(settings: Settings, **extra: str) -> dict[str, str]:
 
 
 def backflow_cli(
-    settings: Settings, *args: str, timeout: float = 120
+    settings: Settings, *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``backflow ARGS`` as an operator would, against these settings."""
+    """Run ``backflow ARGS`` as an operator would, against these settings (plus ``env``)."""
     return subprocess.run(
         [sys.executable, "-m", "backflow.cli", *args],
-        env=stage_env(settings),
+        env=stage_env(settings, **(env or {})),
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -175,7 +175,7 @@ async def portal_timeline(
     headers = {"Authorization": f"Bearer {token}"}
     base = f"{settings.homeserver.url}/_matrix/client/v3"
     async with aiohttp.ClientSession(headers=headers) as http:
-        async with http.get(f"{base}/directory/room/{urllib.parse.quote(alias)}") as resp:
+        async with http.get(f"{base}/directory/room/{urllib.parse.quote(alias, safe='')}") as resp:
             if resp.status == 404:
                 return None
             assert resp.status == 200, await resp.text()

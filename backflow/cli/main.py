@@ -135,6 +135,17 @@ def progress_line(summary: ImportSummary, position: tuple[int, int] | None) -> s
     return f"[{bar}] {fraction:4.0%} {counts}{eta}"
 
 
+def _ask_secret(source: object) -> None:
+    """Prompt for a connector's secret (a backup passphrase) when nothing else gave it.
+
+    Never taken from argv (``ps`` shows it): a connector that needs one names it
+    in ``secret_prompt`` and reads options or the environment first.
+    """
+    prompt = getattr(source, "secret_prompt", None)
+    if prompt and source.needs_secret() and sys.stdin.isatty():  # type: ignore[attr-defined]
+        source.secret = click.prompt(prompt, hide_input=True, err=True)  # type: ignore[attr-defined]
+
+
 @cli.command("import")
 @click.argument("format", required=False)
 @click.argument("path", required=False, type=click.Path(path_type=Path))
@@ -160,7 +171,7 @@ def import_(
     sources = available()
     if list_formats:
         for name, cls in sources.items():
-            click.echo(f"{name:10} {cls.description}")
+            click.echo(f"{name:14} {cls.description}")
         return
     if not format or not path:
         raise click.UsageError("give FORMAT and PATH (or --list)")
@@ -171,6 +182,7 @@ def import_(
     if not path.exists():
         raise SourceError(f"{path}: no such file or directory")
     source = sources[format](path, _parse_options(options))
+    _ask_secret(source)
     if dry_run:
         from connectors.dry_run import preview
 

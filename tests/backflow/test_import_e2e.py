@@ -137,3 +137,109 @@ async def test_whatsapp_hard_cases_land_right_in_their_rooms(running, tmp_path):
     await import_and_check(settings, children, "whatsapp", refused)
     room = await portal_timeline(settings, "whatsapp", portal_id("Refused"))
     assert [e["content"]["body"] for e in room] == ["mine", "mine again"]
+
+
+async def signal_rooms_read_back(
+    settings, children, fmt: str, path: Path, options: dict[str, str], env: dict | None = None
+) -> dict[tuple[str, int], dict]:
+    """Import a Signal input through the CLI and read every portal back from Synapse.
+
+    Checks what every Signal format must show: messages in order from the right
+    ghosts, the reply pointing at its target's event, the reaction on its
+    message, the edit replacing the original, the image uploaded.
+    """
+    args = [a for k, v in options.items() for a in ("-o", f"{k}={v}")]
+    result = backflow_cli(settings, "import", fmt, str(path), *args, env=env)
+    assert result.returncode == 0, result.stderr
+    source = available()[fmt](path, options)  # the passphrase, if any, from os.environ
+    records = [r for r in source.read() if isinstance(r, NetworkMessage)]
+    portals = {r.portal for r in records}
+    registration = yaml.safe_load(open(settings.appservice.registration))
+    user_prefix = registration["namespaces"]["users"][0]["regex"].lstrip("@").split(".*")[0]
+    server = settings.homeserver.server_name
+    types = ("m.room.message", "m.reaction")
+    got: dict[str, list[dict]] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        for portal in portals:
+            got[portal] = await portal_timeline(settings, "signal", portal, types) or []
+        if all(len(got[p]) >= sum(r.portal == p for r in records) for p in portals):
+            break
+        assert all(c.poll() is None for c in children), "worker or sink exited"
+        await asyncio.sleep(1)
+    by_source = {}
+    for portal in portals:
+        shown = [m for m in records if m.portal == portal]
+        events = got[portal]
+        assert len(events) == len(shown), (portal, events)
+        plain = [e for e in events if e["type"] == "m.room.message"]
+        plain = [e for e in plain if "m.new_content" not in e["content"]]
+        visible = sorted((m for m in shown if m.content.kind in SHOWN_KINDS), key=lambda m: m.ts)
+        assert [e["origin_server_ts"] for e in plain] == [m.ts for m in visible], portal
+        assert [e["sender"] for e in plain] == [
+            ghost_user_id(user_prefix, "signal", m.sender.id, server) for m in visible
+        ], portal
+        for event in events:
+            marker = event["content"]["fi.backflow.source"]
+            by_source[(marker["id"], marker.get("part", 0))] = event
+    return by_source
+
+
+async def test_signal_export_lands_with_replies_reactions_edits_and_an_image(running, tmp_path):
+    from tests.signal_helpers import ALICE_ACI, SELF_ACI, T0, write_export
+
+    settings, children = running
+    root = write_export(tmp_path)
+    events = await signal_rooms_read_back(
+        settings, children, "signal-export", root, {"self_aci": SELF_ACI}
+    )
+    own = events[(f"{SELF_ACI}|{T0 + 2_000}", 0)]
+    reply = events[(f"{ALICE_ACI}|{T0 + 3_000}", 0)]
+    assert reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == own["event_id"]
+    reaction = events[(f"{ALICE_ACI}|{T0 + 3_000}|reaction|{SELF_ACI}", 0)]
+    assert reaction["content"]["m.relates_to"] == {
+        "rel_type": "m.annotation",
+        "event_id": reply["event_id"],
+        "key": "👍",
+    }
+    image = events[(f"{ALICE_ACI}|{T0 + 4_000}", 0)]["content"]
+    assert image["msgtype"] == "m.image" and image["url"].startswith("mxc://")
+    original = events[(f"{ALICE_ACI}|{T0 + 5_000}", 0)]
+    edit = events[(f"{ALICE_ACI}|{T0 + 6_000}", 0)]["content"]
+    assert edit["m.relates_to"] == {"rel_type": "m.replace", "event_id": original["event_id"]}
+    assert edit["m.new_content"]["body"] == "first (fixed)"
+
+
+async def test_signal_backup_lands_and_a_second_import_duplicates_nothing(
+    running, tmp_path, monkeypatch
+):
+    from tests.signal_backup_writer import SHOWN_PASSPHRASE, write_backup
+    from tests.signal_helpers import SELF_ACI, T0
+
+    settings, children = running
+    # Other contacts and group than the export's test: rooms of their own.
+    alice, bob = "a11ce000-0000-4000-8000-0000000000b2", "b0b00000-0000-4000-8000-0000000000b2"
+    path = write_backup(tmp_path / "signal.backup", alice=alice, bob=bob, master_key=b"m" * 32)
+    env = {"SIGNAL_BACKUP_PASSPHRASE": SHOWN_PASSPHRASE}
+    monkeypatch.setenv("SIGNAL_BACKUP_PASSPHRASE", SHOWN_PASSPHRASE)
+    events = await signal_rooms_read_back(settings, children, "signal-backup", path, {}, env)
+    own = events[(f"{SELF_ACI}|{T0 + 2_000}", 0)]
+    reply = events[(f"{alice}|{T0 + 3_000}", 0)]
+    assert reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == own["event_id"]
+    reaction = events[(f"{alice}|{T0 + 3_000}|reaction|{SELF_ACI}", 0)]
+    assert reaction["content"]["m.relates_to"]["event_id"] == reply["event_id"]
+    image = events[(f"{alice}|{T0 + 4_000}", 0)]["content"]
+    assert image["msgtype"] == "m.image" and image["url"].startswith("mxc://")
+    edit = events[(f"{alice}|{T0 + 6_000}", 0)]["content"]
+    assert edit["m.relates_to"]["event_id"] == events[(f"{alice}|{T0 + 5_000}", 0)]["event_id"]
+    styled = events[(f"{bob}|{T0 + 7_000}", 0)]["content"]
+    spoiler = '<span data-mx-spoiler="">you</span>'  # as the sanitizer writes the attribute
+    assert styled["formatted_body"] == f"<strong>Hello</strong> {spoiler} sss"
+
+    again = backflow_cli(settings, "import", "signal-backup", str(path), env=env)
+    assert again.returncode == 0, again.stderr
+    await asyncio.sleep(5)
+    types = ("m.room.message", "m.reaction")
+    rooms = {e["content"]["fi.backflow.source"]["portal"] for e in events.values()}
+    after = [e for p in rooms for e in await portal_timeline(settings, "signal", p, types) or []]
+    assert sorted(e["event_id"] for e in after) == sorted(e["event_id"] for e in events.values())
