@@ -195,12 +195,19 @@ def _remember_network(value: str) -> bool:
 
 def _fast_id(value: Any) -> bool:
     """``_Obj.id`` (required) would accept it."""
-    return type(value) is str and 0 < len(value) <= MAX_ID_LEN
+    return type(value) is str and 0 < len(value) <= MAX_ID_LEN and "\x00" not in value
 
 
 def _fast_optional(value: Any, max_len: int) -> bool:
     """``_Obj.str`` (not required) would accept it."""
     return value is None or (type(value) is str and len(value) <= max_len)
+
+
+def _fast_optional_id(value: Any) -> bool:
+    """``_Obj.id`` (not required) would accept it."""
+    return value is None or (
+        type(value) is str and len(value) <= MAX_ID_LEN and "\x00" not in value
+    )
 
 
 def _fast_url(value: Any) -> bool:
@@ -265,7 +272,7 @@ def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
     elif type(part) is not int or part < 0:
         return None
     reply_to, thread = get("reply_to"), get("thread")
-    if not (_fast_optional(reply_to, MAX_ID_LEN) and _fast_optional(thread, MAX_ID_LEN)):
+    if not (_fast_optional_id(reply_to) and _fast_optional_id(thread)):
         return None
     return NetworkMessage(
         network=network,

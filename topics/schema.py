@@ -38,6 +38,7 @@ MAX_ID_LEN = 255
 MAX_TEXT_LEN = 65_536
 
 MAX_URL_LEN = 4096
+NUL_IN_ID = "contains U+0000, which an identifier may not (Postgres text cannot store it)"
 
 NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # Schemes the sink knows; anything else (file://, gopher://, a bare path) is
@@ -117,7 +118,12 @@ class _Obj:
         return value
 
     def id(self, key: str, required: bool = True) -> Any:
-        return self.str(key, required, MAX_ID_LEN)
+        value = self.str(key, required, MAX_ID_LEN)
+        if value is not None and "\x00" in value:
+            # Ids are keys in Postgres text columns, which cannot hold U+0000:
+            # refused here, where an importer still knows the line.
+            raise RecordError(self._name(key), NUL_IN_ID)
+        return value
 
     def url(self, key: str) -> Any:
         """A URL the sink may fetch or use: http(s), or mxc for media already on Matrix."""
