@@ -48,7 +48,16 @@ class CsvSource(Source):
             if missing:
                 raise SourceError(f"{self.path.name}: missing columns: {', '.join(missing)}")
             seen: set[str] = set()  # portals announced so far (grows per portal, not per row)
-            for row in rows:
+            while True:
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    break
+                except csv.Error as exc:  # a field over csv.field_size_limit(), a bad quote
+                    # The reader stays usable: the next row is read after this one.
+                    line = rows.reader.line_num  # DictReader.line_num lags on errors
+                    yield Rejected(f"{self.path.name}:{line}", f"unreadable row: {exc}")
+                    continue
                 where = f"{self.path.name}:{rows.line_num}"
                 try:
                     ts = parse_ts(row["ts"] or "")
@@ -59,6 +68,7 @@ class CsvSource(Source):
                 if portal not in seen:
                     seen.add(portal)
                     yield PortalInfo(network=network, portal=portal, name=portal)
+                self.at = where  # a row the framework refuses is named by its line
                 yield NetworkMessage(
                     network=network,
                     portal=portal,
