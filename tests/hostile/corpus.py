@@ -44,6 +44,7 @@ MESSAGE_STRINGS = (
 )
 PORTAL_STRINGS = ("name", "topic", "avatar_url", "members.0.id", "members.0.name")
 IDS = {"portal", "id", "sender.id", "reply_to", "thread", "members.0.id"}
+NAMES = {"sender.name", "name", "members.0.name"}  # display names: no U+0000 either
 URLS = {"sender.avatar_url", "avatar_url"}
 REQUIRED = ("network", "portal", "id", "sender", "sender.id", "ts", "content", "content.body")
 
@@ -107,7 +108,7 @@ def _string_expectation(path: str, label: str) -> tuple[str | None, str]:
         return "network", "U+0000" if label == "nul" else "must be lowercase"
     if path in URLS:
         return (None, "") if label == "bidi" else (last, "must be an http(s)://")
-    if path in IDS and label == "nul":
+    if path in IDS | NAMES and label == "nul":
         return last, "U+0000"
     return None, ""  # names, bodies, topics: carried as they are (escaped when printed)
 
@@ -148,6 +149,8 @@ def record_cases() -> list[Case]:
             cases.append(Case(f"message.{path}={label}", raw, path, expected))
     cases.append(Case("message.ts=string", orjson.dumps(_set(base, "ts", str(BASE_TS))), "ts"))
     cases.append(Case("message.part=-1", orjson.dumps(_set(base, "part", -1)), "part", ">= 0"))
+    over = orjson.dumps(_set(base, "part", 2**31))  # Postgres integer columns hold parts
+    cases.append(Case("message.part=int4-overflow", over, "part", "at most 2147483647"))
     cases.append(
         Case("message.history=string", orjson.dumps(_set(base, "history", "yes")), "history")
     )
