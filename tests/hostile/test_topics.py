@@ -8,19 +8,24 @@ release every neighbour exactly once, in order.
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from tests.hostile.corpus import REJECTED, neighbour_ids, with_neighbours
 from tests.pipeline_support import (
+    BASE_TS,
     CommandDriver,
     Worker,
     done,
+    msg,
     pipeline_settings,
     publish,
     read_topic,
     unique,
 )
+from topics.records import Content
 
 
 async def test_worker_dead_letters_the_corpus_and_releases_the_neighbours(
@@ -52,3 +57,26 @@ async def test_worker_dead_letters_the_corpus_and_releases_the_neighbours(
         assert case.reason in letter["reason"], (case.name, letter["reason"])
         if case.field:
             assert f"field '{case.field}'" in letter["reason"], (case.name, letter["reason"])
+
+
+async def test_duplicate_ids_with_different_content_keep_the_first(
+    kafka: Any, pg_admin: str, tmp_path: Path
+) -> None:
+    """The documented rule (docs/reliability.md): the first to reach the pipeline wins."""
+    settings = await pipeline_settings(kafka, pg_admin, tmp_path)
+    portal = unique("dup")
+    key = f"testnet:{portal}"
+    first = msg(portal, "m1", BASE_TS)
+    second = replace(first, content=Content(kind="text", body="a different body"))
+    later = replace(first, ts=BASE_TS + 5, content=Content(kind="text", body="later still"))
+    await publish(settings, settings.catalog.history, [first, second, done(portal)])
+    await publish(settings, settings.catalog.live, [replace(later, history=False)])
+    worker = Worker(settings, tmp_path / "worker.log")
+    try:
+        async with CommandDriver(settings) as sink:
+            await sink.wait_for(lambda: len(sink.sends(key)) >= 1, 120, workers=(worker,))
+            await asyncio.sleep(2)  # a second send of m1 would show up now
+            sent = sink.sends(key)
+    finally:
+        worker.stop()
+    assert [(s.message.id, s.message.content.body) for s in sent] == [("m1", first.content.body)]
