@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from connectors.publish import Publisher
+from connectors.publish import Publisher, check_record
 from topics import bus
 from topics.codec import RecordError, from_dict
 from topics.deadletter import Stage
@@ -112,6 +112,12 @@ def parse_body(raw: bytes) -> list[NetworkMessage | PortalInfo]:
             raise RecordError(
                 f"records[{index}].type", f"{record.TYPE!r} records are not accepted here"
             )
+        try:
+            # The size too, before anything is published: a record over the
+            # broker's limit refused mid-batch would answer 503 forever.
+            check_record(record, decoded=True)
+        except RecordError as exc:
+            raise RecordError(f"records[{index}]", exc.reason) from None
         records.append(record)
     return records
 

@@ -117,6 +117,34 @@ def read_lines(handle: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | Non
         yield number, None
 
 
+class BoundedLines:
+    """A text file's lines for a line-based parser (``csv``), none held beyond ``limit``.
+
+    A line over ``limit`` characters is handed on as an empty line (which
+    csv skips) and its number is noted in ``skipped`` for the connector to
+    reject; the rest of it is skipped in chunks, never held whole.
+    """
+
+    def __init__(self, handle: IO[str], limit: int) -> None:
+        self.handle, self.limit, self.number = handle, limit, 0
+        self.skipped: list[int] = []
+
+    def __iter__(self) -> BoundedLines:
+        return self
+
+    def __next__(self) -> str:
+        line = self.handle.readline(self.limit + 1)
+        if not line:
+            raise StopIteration
+        self.number += 1
+        if len(line) <= self.limit or line.endswith("\n"):
+            return line
+        while line and not line.endswith("\n"):
+            line = self.handle.readline(64 * 1024)
+        self.skipped.append(self.number)
+        return "\n"
+
+
 def available() -> dict[str, type[Source]]:
     """Every installed connector by format name (built-ins come via entry points too)."""
     found: dict[str, type[Source]] = {}

@@ -2,9 +2,8 @@
 
 CPU only (no I/O), so the agent decodes the next batch while one applies.
 A record is refused here, before it reaches Postgres, when it does not decode
-(topics.codec), does not belong on its topic, or carries U+0000 in a field
-the hold store keeps as Postgres ``text`` (which cannot hold it: the whole
-batch would fail).
+(topics.codec: which also refuses U+0000 in identifiers, the fields the hold
+store keeps as Postgres ``text``) or does not belong on its topic.
 """
 
 from __future__ import annotations
@@ -15,14 +14,7 @@ from typing import Any
 
 from topics.codec import RecordError, decode
 from topics.deadletter import Stage, dead_letter, log_source
-from topics.records import (
-    DeadLetter,
-    HistoryComplete,
-    NetworkMessage,
-    PortalInfo,
-    RoomCreated,
-    SyncComplete,
-)
+from topics.records import DeadLetter
 
 # Which record types belong on which source topic (topics.catalog specs).
 ALLOWED = {
@@ -57,33 +49,6 @@ class Prepared:
     letters: list[DeadLetter] = field(default_factory=list)
 
 
-def text_fields(record: object) -> dict[str, str | None]:
-    """The record's fields that the hold store writes to Postgres ``text`` columns."""
-    if isinstance(record, NetworkMessage):
-        return {
-            "portal": record.portal,
-            "id": record.id,
-            "content.kind": record.content.kind,
-            "content.target": record.content.target,
-        }
-    if isinstance(record, PortalInfo):
-        return {"portal": record.portal}
-    if isinstance(record, HistoryComplete):
-        return {"portal": record.portal, "sync": record.sync}
-    if isinstance(record, SyncComplete):
-        return {"sync": record.sync}
-    if isinstance(record, RoomCreated):
-        return {"portal": record.portal, "room_id": record.room_id, "alias": record.alias}
-    return {}
-
-
-def check_storable(record: object) -> None:
-    """Raise RecordError naming the first text field that contains U+0000."""
-    for name, value in text_fields(record).items():
-        if value is not None and "\x00" in value:
-            raise RecordError(name, "contains U+0000, which Postgres text cannot store")
-
-
 def prepare(records: Sequence[Any], kinds: Mapping[str, str]) -> Prepared:
     """Decode and validate a batch; ``kinds`` maps a topic name to its role.
 
@@ -99,7 +64,6 @@ def prepare(records: Sequence[Any], kinds: Mapping[str, str]) -> Prepared:
             record = decode(raw)
             if record.TYPE not in ALLOWED[kind]:
                 raise RecordError("type", f"a {record.TYPE!r} record does not belong here")
-            check_storable(record)
         except RecordError as exc:
             letters.append(
                 dead_letter(

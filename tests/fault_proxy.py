@@ -13,6 +13,7 @@ Nothing here fakes Matrix: every successful answer comes from Synapse.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ class Fault:
     times: int = 1
     match: str | None = None
     forward: bool = False  # forward to the homeserver first, then answer the fault
+    delay: float = 0.0  # seconds to hold the request first (a slow gateway timing out)
 
     def matches(self, path: str) -> bool:
         return self.match is None or self.match in path
@@ -87,15 +89,17 @@ class FaultProxy:
         headers: dict[str, str] | None = None,
         times: int = 1,
         match: str | None = None,
+        delay: float = 0.0,
     ) -> None:
         """Answer the next ``times`` requests whose path contains ``match`` with this.
 
         Faults are consumed in the order they were queued; the first queued
-        fault that matches a request answers it.
+        fault that matches a request answers it, after ``delay`` seconds.
         """
         if times < 1:
             raise ValueError("times must be >= 1")
-        self._faults.append(Fault(status, dict(body), dict(headers or {}), times, match))
+        fault = Fault(status, dict(body), dict(headers or {}), times, match, delay=delay)
+        self._faults.append(fault)
 
     def drop_response_once(self, match: str | None = None) -> None:
         """Forward the next matching request, then answer 502 instead of the real reply."""
@@ -165,6 +169,8 @@ class FaultProxy:
         seen = Seen(request.method, request.raw_path, dict(request.headers))
         self.seen.append(seen)
         fault = self._take(request.path)
+        if fault is not None and fault.delay:
+            await asyncio.sleep(fault.delay)
         if fault is not None and not fault.forward:
             return web.json_response(fault.body, status=fault.status, headers=fault.headers)
         status, headers, payload = await self._forward(request, body)

@@ -28,6 +28,7 @@ from topics.records import (
 )
 from topics.schema import (
     MAX_ID_LEN,
+    MAX_PART,
     MAX_RECORD_BYTES,
     MAX_TEXT_LEN,
     MAX_URL_LEN,
@@ -195,12 +196,24 @@ def _remember_network(value: str) -> bool:
 
 def _fast_id(value: Any) -> bool:
     """``_Obj.id`` (required) would accept it."""
-    return type(value) is str and 0 < len(value) <= MAX_ID_LEN
+    return type(value) is str and 0 < len(value) <= MAX_ID_LEN and "\x00" not in value
 
 
 def _fast_optional(value: Any, max_len: int) -> bool:
     """``_Obj.str`` (not required) would accept it."""
     return value is None or (type(value) is str and len(value) <= max_len)
+
+
+def _fast_label(value: Any) -> bool:
+    """``_Obj.label`` would accept it."""
+    return value is None or (type(value) is str and len(value) <= 255 and "\x00" not in value)
+
+
+def _fast_optional_id(value: Any) -> bool:
+    """``_Obj.id`` (not required) would accept it."""
+    return value is None or (
+        type(value) is str and len(value) <= MAX_ID_LEN and "\x00" not in value
+    )
 
 
 def _fast_url(value: Any) -> bool:
@@ -249,7 +262,7 @@ def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
         return None
     sender_id, name, avatar = sender.get("id"), sender.get("name"), sender.get("avatar_url")
     if not (
-        _fast_id(sender_id) and _fast_optional(name, 255) and _fast_url(avatar)
+        _fast_id(sender_id) and _fast_label(name) and _fast_url(avatar)
     ):
         return None
     body = _fast_content(content)
@@ -262,10 +275,10 @@ def _fast_message(d: dict[str, Any]) -> NetworkMessage | None:
         return None
     if part is None:
         part = 0
-    elif type(part) is not int or part < 0:
+    elif type(part) is not int or not 0 <= part <= MAX_PART:
         return None
     reply_to, thread = get("reply_to"), get("thread")
-    if not (_fast_optional(reply_to, MAX_ID_LEN) and _fast_optional(thread, MAX_ID_LEN)):
+    if not (_fast_optional_id(reply_to) and _fast_optional_id(thread)):
         return None
     return NetworkMessage(
         network=network,

@@ -38,6 +38,11 @@ MAX_ID_LEN = 255
 MAX_TEXT_LEN = 65_536
 
 MAX_URL_LEN = 4096
+# Parts are stored as Postgres integer (pipeline and sink); one beyond was
+# refused by the database, far from the line.
+MAX_PART = 2**31 - 1
+NUL_IN_ID = "contains U+0000, which an identifier may not (Postgres text cannot store it)"
+NUL_IN_NAME = "contains U+0000, which a name may not (Postgres text cannot store it)"
 
 NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # Schemes the sink knows; anything else (file://, gopher://, a bare path) is
@@ -117,7 +122,21 @@ class _Obj:
         return value
 
     def id(self, key: str, required: bool = True) -> Any:
-        return self.str(key, required, MAX_ID_LEN)
+        value = self.str(key, required, MAX_ID_LEN)
+        if value is not None and "\x00" in value:
+            # Ids are keys in Postgres text columns, which cannot hold U+0000:
+            # refused here, where an importer still knows the line.
+            raise RecordError(self._name(key), NUL_IN_ID)
+        return value
+
+    def label(self, key: str) -> Any:
+        """A display name (a sender's, a member's, a room's): at most 255, no U+0000."""
+        value = self.str(key, max_len=255)
+        if value is not None and "\x00" in value:
+            # The sink keeps names in Postgres text (ghost profiles): a NUL
+            # there was a dead letter at the sink, far from the line.
+            raise RecordError(self._name(key), NUL_IN_NAME)
+        return value
 
     def url(self, key: str) -> Any:
         """A URL the sink may fetch or use: http(s), or mxc for media already on Matrix."""
@@ -137,6 +156,12 @@ class _Obj:
             raise RecordError(self._name(key), f"expected an integer, got {_typename(value)}")
         if minimum is not None and value < minimum:
             raise RecordError(self._name(key), f"must be >= {minimum}, got {value}")
+        return value
+
+    def part(self) -> int:
+        value = self.int("part", minimum=0) or 0
+        if value > MAX_PART:
+            raise RecordError(self._name("part"), f"must be at most {MAX_PART}, got {value}")
         return value
 
     def float(self, key: str, required: bool = False) -> Any:
@@ -198,11 +223,11 @@ class _Obj:
 
 
 def _sender(o: _Obj) -> Sender:
-    return Sender(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.url("avatar_url"))
+    return Sender(id=o.id("id"), name=o.label("name"), avatar_url=o.url("avatar_url"))
 
 
 def _member(o: _Obj) -> Member:
-    return Member(id=o.id("id"), name=o.str("name", max_len=255), avatar_url=o.url("avatar_url"))
+    return Member(id=o.id("id"), name=o.label("name"), avatar_url=o.url("avatar_url"))
 
 
 def _content(o: _Obj) -> Content:
@@ -264,7 +289,7 @@ def _message(o: _Obj) -> NetworkMessage:
         ts=o.ts("ts"),
         content=_content(content),
         history=o.bool("history", True),
-        part=o.int("part", minimum=0) or 0,
+        part=o.part(),
         reply_to=o.id("reply_to", required=False),
         thread=o.id("thread", required=False),
     )
@@ -273,7 +298,7 @@ def _portal_meta(o: _Obj) -> dict[str, Any]:
     return {
         "network": o.network(),
         "portal": o.id("portal"),
-        "name": o.str("name", max_len=255),
+        "name": o.label("name"),
         "topic": o.str("topic", max_len=4096),
         "members": tuple(_member(m) for m in o.objs("members")),
         "avatar_url": o.url("avatar_url"),

@@ -12,10 +12,11 @@ import csv
 from collections.abc import Iterator
 from datetime import datetime
 
-from connectors.source import Rejected, Source, SourceError, SourceItem
+from connectors.source import BoundedLines, Rejected, Source, SourceError, SourceItem
 from topics.records import Content, NetworkMessage, PortalInfo, Sender
 
 COLUMNS = ("portal", "id", "sender", "ts", "body")
+MAX_LINE_CHARS = 256 * 1024  # memory stays bounded whatever one line holds
 
 
 def parse_ts(value: str) -> int:
@@ -43,12 +44,29 @@ class CsvSource(Source):
         except OSError as exc:
             raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
         with handle:
-            rows = csv.DictReader(handle)
+            lines = BoundedLines(handle, MAX_LINE_CHARS)
+            rows = csv.DictReader(lines)
             missing = [c for c in COLUMNS if c not in (rows.fieldnames or ())]
             if missing:
                 raise SourceError(f"{self.path.name}: missing columns: {', '.join(missing)}")
             seen: set[str] = set()  # portals announced so far (grows per portal, not per row)
-            for row in rows:
+            while True:
+                error = row = None
+                try:
+                    row = next(rows)
+                except StopIteration:
+                    pass
+                except csv.Error as exc:  # a field over csv.field_size_limit(), a bad quote
+                    error = exc  # the reader stays usable: the next row follows
+                while lines.skipped:
+                    where = f"{self.path.name}:{lines.skipped.pop(0)}"
+                    yield Rejected(where, f"line over {MAX_LINE_CHARS} characters: not read")
+                if error is not None:
+                    line = rows.reader.line_num  # DictReader.line_num lags on errors
+                    yield Rejected(f"{self.path.name}:{line}", f"unreadable row: {error}")
+                    continue
+                if row is None:
+                    break
                 where = f"{self.path.name}:{rows.line_num}"
                 try:
                     ts = parse_ts(row["ts"] or "")
@@ -59,6 +77,7 @@ class CsvSource(Source):
                 if portal not in seen:
                     seen.add(portal)
                     yield PortalInfo(network=network, portal=portal, name=portal)
+                self.at = where  # a row the framework refuses is named by its line
                 yield NetworkMessage(
                     network=network,
                     portal=portal,

@@ -57,6 +57,32 @@ class Capped:
         return data
 
 
+# No single JSON string (or number) of an export needs more: one longer is a
+# bomb or damage, and ijson would build it whole in memory.
+MAX_TOKEN_BYTES = 16 * 1024 * 1024
+
+
+class TokenCapped:
+    """A binary reader that raises TooLarge when a run of bytes without ``"`` exceeds ``limit``.
+
+    A JSON string cannot hold an unescaped quote, so such a run is one token
+    being built whole by the parser: a file of any size streams, a file with
+    one endless string stops at ``limit`` bytes instead of filling memory.
+    """
+
+    def __init__(self, handle: IO[bytes], name: str, limit: int | None = None) -> None:
+        self.handle, self.name, self.run = handle, name, 0
+        self.limit = MAX_TOKEN_BYTES if limit is None else limit
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.handle.read(size if 0 <= size <= 1 << 20 else 1 << 20)
+        quote = data.rfind(b'"')
+        self.run = self.run + len(data) if quote < 0 else len(data) - quote - 1
+        if self.run > self.limit:
+            raise TooLarge(f"{self.name} holds a value over {self.limit} bytes: rest not read")
+        return data
+
+
 def events(handle: Any) -> Iterator[tuple[str | None, str, Any]]:
     """ijson.parse's (prefix, event, value); the prefix is None below PREFIX_PARTS levels."""
     path: list[Any] = []

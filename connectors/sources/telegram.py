@@ -33,7 +33,14 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
 from connectors.sources.shape import MAX_DEPTH, mismatch
-from connectors.sources.stream import TOO_DEEP, Entries, InvalidJSON, events
+from connectors.sources.stream import (
+    TOO_DEEP,
+    Entries,
+    InvalidJSON,
+    TokenCapped,
+    TooLarge,
+    events,
+)
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -221,7 +228,7 @@ class TelegramSource(Source):
         with path.open("rb") as handle:
             self.track(handle, path.stat().st_size)
             try:
-                for chat, event, obj in self._walk(handle):
+                for chat, event, obj in self._walk(TokenCapped(handle, path.name)):
                     if event == "no id":
                         name = chat.get("name") or "without a name"
                         yield Rejected(
@@ -240,6 +247,8 @@ class TelegramSource(Source):
                         yield self._portal(chat, tuple(chat["members"].values()))
             except InvalidJSON as exc:
                 raise SourceError(f"{path.name}: {exc}") from None
+            except TooLarge as exc:
+                raise SourceError(str(exc)) from None
         if chats == 0 and not only:
             raise SourceError(f"{path.name}: no chats with messages found")
 

@@ -340,15 +340,35 @@ async def test_show_and_clear_errors(stack: Settings) -> None:
 
 
 async def test_value_the_database_refuses_is_dead_lettered_not_retried(stack: Settings) -> None:
-    """Issue 10, item 2: a NUL in a display name is refused by Postgres, for good.
+    """Issue 10, item 2: a value the sink's database refuses is refused for good.
 
-    It is dead-lettered with its real source and key; the portal's other
-    messages still arrive, in order, as read back from Synapse.
+    It was a NUL in a display name; the codec refuses those now, where an
+    import still knows the line (tests/hostile), so a trigger refuses a name
+    here: a real Postgres error, permanent. It is dead-lettered with its real
+    source and key; the portal's other messages still arrive, in order, as
+    read back from Synapse.
     """
+    store = await SinkStore.open(stack.database.url, size=1)  # the sink's schema, then:
+    try:
+        await store.pool.execute(
+            """
+            CREATE FUNCTION refuse_name() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.displayname = 'Refused Name' THEN
+                    RAISE EXCEPTION 'display name refused by the test';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_name BEFORE INSERT OR UPDATE ON sink_ghosts
+                FOR EACH ROW EXECUTE FUNCTION refuse_name();
+            """
+        )
+    finally:
+        await store.close()
     portal = portal_id()
     msgs = [
         text(portal, "n0", "frank", BASE_TS + 1, "before"),
-        text(portal, "n1", "nul", BASE_TS + 2, "poison", name="Bad\x00Name"),
+        text(portal, "n1", "refused", BASE_TS + 2, "poison", name="Refused Name"),
         text(portal, "n2", "frank", BASE_TS + 3, "after"),
     ]
     await publish(stack, [create(portal, [("frank", "Frank")]), *sends(msgs)])
@@ -366,7 +386,7 @@ async def test_value_the_database_refuses_is_dead_lettered_not_retried(stack: Se
     assert len(mine) == 1, mine
     letter = mine[0]
     assert letter.stage == "sink" and "poison" in letter.original
-    assert "0x00" in letter.reason or "NUL" in letter.reason or "\\x00" in letter.reason, letter
+    assert "display name refused by the test" in letter.reason, letter
     assert letter.source is not None
     assert letter.source.startswith(f"{stack.catalog.matrix_commands}[")
     assert "@" in letter.source
