@@ -57,6 +57,11 @@ def test_v2_conforms_and_maps_like_the_export(tmp_path: Path) -> None:
     assert [r.where for r in report.rejected] == ["main frame 21"]  # dateSent 0
     assert report.stats["unknown_frames"] == 1
 
+    snapshot = root / "signal-backup-2026-05-01-10-00-00"
+    for path in (snapshot, snapshot / "main"):  # the snapshot or its main name it too
+        again = by_id(run(SignalBackupV2Source, path, self_aci=SELF_ACI)[0])
+        assert base64.b64decode(again[(f"{ALICE_ACI}|{T0 + 4_000}", 0)].content.data) == PNG
+
     export = write_export(tmp_path / "export")
     same = set(message_keys(run(SignalExportSource, export, self_aci=SELF_ACI)[0]))
     assert set(message_keys(report.records)) == same  # one chat history, one set of ids
