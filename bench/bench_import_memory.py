@@ -48,9 +48,11 @@ FORMATS = {
     "csv": ("csv", "csv"),
     "signal-export": ("signal-export", "signal-export"),
     "signal-backup": ("signal-backup", "signal-backup"),
+    "signal-backup-v2": ("signal-backup-v2", "signal-backup-v2"),
 }
 # The test passphrase of tests/signal_backup_writer.py (generated backups only).
 SIGNAL_TEST_PASSPHRASE = "123451234512345123451234512345"
+SIGNAL_TEST_RECOVERY_KEY = "dtjs858asj6tv0jzsqrsmj0ubp335pisj98e9ssnss8myoc08drhtcktyawvx45l"
 DEFAULT_FORMATS = "whatsapp,whatsapp-zip,slack,telegram,jsonl"
 DEFAULT_SIZES = "100000,1000000"
 MIB = 1024 * 1024
@@ -173,7 +175,11 @@ def generate(fmt: str, size: int, folder: Path) -> Path:
 
 def measure(fmt: str, path: Path) -> dict:
     connector, _ = FORMATS[fmt]
-    env = {**os.environ, "SIGNAL_BACKUP_PASSPHRASE": SIGNAL_TEST_PASSPHRASE}
+    env = {
+        **os.environ,
+        "SIGNAL_BACKUP_PASSPHRASE": SIGNAL_TEST_PASSPHRASE,
+        "SIGNAL_RECOVERY_KEY": SIGNAL_TEST_RECOVERY_KEY,
+    }
     proc = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", connector, str(path)],
         cwd=ROOT,

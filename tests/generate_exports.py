@@ -179,6 +179,23 @@ def write_signal_backup(folder: Path, n: int) -> Path:
     return path
 
 
+def write_signal_backup_v2(folder: Path, n: int) -> Path:
+    """A SignalBackups/ folder of n messages (key tests.signal_v2_writer.RECOVERY_KEY)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script too
+    from tests.signal_helpers import T0, recipients_and_chats
+    from tests.signal_v2_writer import write_v2
+
+    def frames():
+        yield from recipients_and_chats()
+        for i in range(n):
+            chat, author = ("10", "2") if i % 2 else ("11", "3")
+            text = {"text": {"body": _text(i)}}
+            item = {"chatId": chat, "authorId": author, "dateSent": str(T0 + i)}
+            yield {"chatItem": {**item, "standardMessage": text}}
+
+    return write_v2(folder, frames()) / "signal-backup-2026-05-01-10-00-00" / "main"
+
+
 WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "whatsapp": write_whatsapp,
     "slack": write_slack,
@@ -187,6 +204,7 @@ WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "csv": write_csv,
     "signal-export": write_signal_export,
     "signal-backup": write_signal_backup,
+    "signal-backup-v2": write_signal_backup_v2,
 }
 
 

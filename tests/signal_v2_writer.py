@@ -15,7 +15,9 @@ import copy
 import gzip
 import hashlib
 import hmac
+import io
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -146,7 +148,7 @@ def _cbc(key: bytes, iv: bytes, data: bytes) -> bytes:
 
 def write_v2(
     folder: Path,
-    frames: list[dict[str, Any]] | None = None,
+    frames: Iterable[dict[str, Any]] | None = None,
     recovery_key: str = RECOVERY_KEY,
     aci: str = SELF_ACI,
 ) -> Path:
@@ -163,10 +165,14 @@ def write_v2(
         field(1, 1) + field(2, field(1, iv12) + field(2, encrypted_id))
     )
 
-    stream = [field(1, 1) + field(2, T0 + 99_000)]  # BackupInfo
-    stream += [encode(f, _FRAME) for f in (v2_frames() if frames is None else frames)]
-    plain = b"".join(varint(len(m)) + m for m in stream)
-    compressed = gzip.compress(plain) + bytes(7)  # zero padding may follow the member
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb") as stream:  # frames one at a time
+        info = field(1, 1) + field(2, T0 + 99_000)  # BackupInfo
+        stream.write(varint(len(info)) + info)
+        for frame in v2_frames() if frames is None else frames:
+            message = encode(frame, _FRAME)
+            stream.write(varint(len(message)) + message)
+    compressed = packed.getvalue() + bytes(7)  # zero padding may follow the member
     hmac_key, aes_key = sc.message_backup_keys(key, backup_id)
     iv = b"\x09" * 16
     body = iv + _cbc(aes_key, iv, compressed)

@@ -171,7 +171,7 @@ def import_(
     sources = available()
     if list_formats:
         for name, cls in sources.items():
-            click.echo(f"{name:14} {cls.description}")
+            click.echo(f"{name:17} {cls.description}")
         return
     if not format or not path:
         raise click.UsageError("give FORMAT and PATH (or --list)")

@@ -87,7 +87,9 @@ class SignalBackupV2Source(Source):
             raise SourceError(f"{self.path.name}: {exc}") from None
 
     def _snapshot(self) -> Path:
-        """The snapshot folder: PATH itself, or the newest ``signal-backup-*`` in it."""
+        """The snapshot folder: PATH itself (or its ``main``), or the newest ``signal-backup-*``."""
+        if self.path.name == "main" and self.path.is_file():
+            return self.path.parent
         if (self.path / "main").is_file():
             return self.path
         found = sorted(p for p in self.path.glob("signal-backup-*") if (p / "main").is_file())
@@ -98,7 +100,9 @@ class SignalBackupV2Source(Source):
     def read(self) -> Iterator[SourceItem]:
         key = sc.backup_key(self._recovery_key())
         snapshot = self._snapshot()
-        self.files = ExportFolder(snapshot.parent) if snapshot != self.path else None
+        # Attachments are shared by snapshots: SignalBackups/files/, never outside it.
+        shared = snapshot.parent
+        self.files = ExportFolder(shared) if (shared / "files").is_dir() else None
         self_aci = own_aci(self.options)
         backup_id = self._backup_id(snapshot / "metadata", key)
         if self_aci is not None:

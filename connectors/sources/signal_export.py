@@ -132,6 +132,11 @@ class SignalExportSource(Source):
     def _with_extension(self, folder: Path, name: str) -> Path | None:
         """``name.<ext>`` in ``folder`` (the export adds the extension of the type)."""
         try:
+            if not folder.resolve().is_relative_to(self.folder.root):
+                return None  # a linked folder: not even its names are read
+        except OSError:
+            return None
+        try:
             entries = os.scandir(folder)
         except OSError:
             return None

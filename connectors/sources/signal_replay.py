@@ -11,6 +11,7 @@ and authenticated before the importer yields a single record.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ _ALLOWED = {
 }
 _FUNCTIONS = {"strftime", "datetime", "date", "time", "julianday", "lower", "upper", "length"}
 _FUNCTIONS |= {"coalesce", "ifnull", "abs", "max", "min", "random", "hex", "printf", "unixepoch"}
+_inserting = False  # set while an INSERT runs (one replay at a time per process)
 # BackupFrame field numbers (Backups.proto).
 HEADER, STATEMENT, PREFERENCE, ATTACHMENT, VERSION, END, AVATAR, STICKER, KEY_VALUE = range(1, 10)
 
@@ -58,6 +60,10 @@ class Replayed:
 
 
 def _authorize(action: int, arg1: str | None, arg2: str | None, *_: object) -> int:
+    if action == sqlite3.SQLITE_READ and _inserting:
+        # An INSERT of a row reads no table; one that copies tables (INSERT ...
+        # SELECT) could grow the database far beyond the backup.
+        return sqlite3.SQLITE_DENY
     if action not in _ALLOWED:
         return sqlite3.SQLITE_DENY
     if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() not in _FUNCTIONS:
@@ -65,6 +71,13 @@ def _authorize(action: int, arg1: str | None, arg2: str | None, *_: object) -> i
     if action == sqlite3.SQLITE_UPDATE and arg1 != "sqlite_master":
         return sqlite3.SQLITE_DENY
     return sqlite3.SQLITE_OK
+
+
+def _size_of(handle: IO[bytes]) -> int:
+    try:
+        return os.fstat(handle.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        return 1 << 30
 
 
 def _parameter(raw: bytes) -> object:
@@ -88,6 +101,9 @@ def replay(handle: IO[bytes], passphrase: bytes, folder: Path) -> Replayed:
     db = sqlite3.connect(folder / "backup.sqlite", isolation_level=None)
     db.execute("PRAGMA journal_mode=OFF")
     db.execute("PRAGMA synchronous=OFF")
+    # The database never outgrows a few times the backup (plus room for indexes).
+    size = _size_of(handle)
+    db.execute(f"PRAGMA max_page_count = {(3 * size + (256 << 20)) // 4096}")
     payloads = folder / "payloads"
     payloads.mkdir()
     result = Replayed(db, payloads)
@@ -144,6 +160,8 @@ def _statement(db: sqlite3.Connection, frame: dict, number: int, result: Replaye
     if not upper.startswith(_KINDS) or any(t.strip('"`[]').startswith("SQLITE_") for t in table):
         result.skipped_statements += 1  # triggers, views, full-text tables, sqlite_*
         return
+    global _inserting
+    _inserting = upper.startswith("INSERT")
     try:
         db.execute(sql, params)
         result.statements += 1
@@ -152,6 +170,8 @@ def _statement(db: sqlite3.Connection, frame: dict, number: int, result: Replaye
         if len(result.refused) < MAX_REPORTED:
             shown = sql if len(sql) <= 200 else sql[:200] + "…"
             result.refused.append((f"frame {number}", f"SQL statement refused ({exc}): {shown}"))
+    finally:
+        _inserting = False
 
 
 def _payload(reader: FrameReader, frame: dict, result: Replayed) -> None:

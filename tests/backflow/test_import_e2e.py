@@ -243,3 +243,32 @@ async def test_signal_backup_lands_and_a_second_import_duplicates_nothing(
     rooms = {e["content"]["fi.backflow.source"]["portal"] for e in events.values()}
     after = [e for p in rooms for e in await portal_timeline(settings, "signal", p, types) or []]
     assert sorted(e["event_id"] for e in after) == sorted(e["event_id"] for e in events.values())
+
+
+async def test_signal_backup_v2_lands_with_its_image(running, tmp_path, monkeypatch):
+    from tests.signal_helpers import SELF_ACI, T0, aci_b64, b64
+    from tests.signal_v2_writer import SHOWN_RECOVERY_KEY, v2_frames, write_v2
+
+    settings, children = running
+    alice = "a11ce000-0000-4000-8000-0000000000c3"  # rooms apart from the other Signal tests
+    frames = v2_frames()
+    for frame in frames:
+        recipient = frame.get("recipient", {})
+        if recipient.get("id") == "2":
+            recipient["contact"]["aci"] = aci_b64(alice)
+        if recipient.get("id") == "4":
+            recipient["group"]["masterKey"] = b64(b"v" * 32)
+    root = write_v2(tmp_path, frames)
+    env = {"SIGNAL_RECOVERY_KEY": SHOWN_RECOVERY_KEY}
+    monkeypatch.setenv("SIGNAL_RECOVERY_KEY", SHOWN_RECOVERY_KEY)
+    options = {"self_aci": SELF_ACI}
+    events = await signal_rooms_read_back(
+        settings, children, "signal-backup-v2", root, options, env
+    )
+    own = events[(f"{SELF_ACI}|{T0 + 2_000}", 0)]
+    reply = events[(f"{alice}|{T0 + 3_000}", 0)]
+    assert reply["content"]["m.relates_to"]["m.in_reply_to"]["event_id"] == own["event_id"]
+    reaction = events[(f"{alice}|{T0 + 3_000}|reaction|{SELF_ACI}", 0)]
+    assert reaction["content"]["m.relates_to"]["event_id"] == reply["event_id"]
+    image = events[(f"{alice}|{T0 + 4_000}", 0)]["content"]
+    assert image["msgtype"] == "m.image" and image["url"].startswith("mxc://")

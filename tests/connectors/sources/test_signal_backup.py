@@ -235,6 +235,7 @@ def test_hostile_statements_never_leave_the_temporary_database(tmp_path: Path) -
             "INSERT INTO message (_id) WITH RECURSIVE c(x) AS (SELECT 1000 UNION ALL "
             "SELECT x + 1 FROM c) SELECT x FROM c"
         )
+        writer.statement("INSERT INTO reaction (emoji) SELECT emoji FROM reaction")  # doubling
         writer.statement("CREATE TRIGGER t AFTER INSERT ON message BEGIN DELETE FROM message; END")
         writer.statement("PRAGMA writable_schema = ON")
         writer.statement("INSERT INTO sqlite_sequence VALUES ('message', 5)")
@@ -242,7 +243,9 @@ def test_hostile_statements_never_leave_the_temporary_database(tmp_path: Path) -
     records, rejected, source = run(SignalBackupSource, path)
     assert not outside.exists()
     reasons = [r.reason for r in rejected if "SQL statement refused" in r.reason]
-    assert len(reasons) == 2, reasons  # two statements in one, and the recursive insert
+    assert len(reasons) == 3, reasons  # two statements in one, recursion, copying a table
+    assert any("access to reaction.emoji is prohibited" in r for r in reasons), reasons
+    assert any("WITH RECURSIVE" in r and "not authorized" in r for r in reasons), reasons
     assert source.stats["statements_skipped"] == 4  # attach, trigger, pragma, sqlite_*
     assert len(messages(records)) > 5
 

@@ -187,3 +187,14 @@ def test_an_over_long_line_is_rejected_unread(tmp_path: Path) -> None:
     finally:
         signal_export.MAX_LINE_BYTES = limit
     assert [r.reason for r in rejected] == ["line over 4096 bytes: not read"]
+
+
+def test_the_signal_importers_are_registered() -> None:
+    from connectors.source import available
+    from connectors.sources.signal_backup import SignalBackupSource
+    from connectors.sources.signal_backup_v2 import SignalBackupV2Source
+
+    found = available()
+    assert found["signal-export"] is SignalExportSource
+    assert found["signal-backup"] is SignalBackupSource
+    assert found["signal-backup-v2"] is SignalBackupV2Source
