@@ -32,8 +32,11 @@ SCHEMAS = {
 QUERY_TIMEOUT_S = 120.0
 
 
-class DatabaseAway(Transient):
-    """The bridge's database could not be reached or read just now (retry later)."""
+class DatabaseAway(SourceError, Transient):
+    """The bridge's database could not be reached or read just now.
+
+    One clear line for a one-shot import; transient for ``--follow``'s retry.
+    """
 
 
 def is_url(location: str) -> bool:
@@ -125,7 +128,15 @@ class PostgresDB(BridgeDB):
             self.conn = self._run(asyncpg.connect(url, timeout=30))
             # Read-only by construction: the bridge owns this database.
             self._run(self.conn.execute("SET default_transaction_read_only = on"))
-        except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
+        except (
+            TimeoutError,
+            OSError,
+            asyncpg.CannotConnectNowError,
+            asyncpg.TooManyConnectionsError,
+        ) as exc:
+            self.close()
+            raise DatabaseAway(f"{redact(url)}: cannot connect: {_reason(exc)}") from None
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
             self.close()
             raise SourceError(f"{redact(url)}: cannot connect: {_reason(exc)}") from None
         self.tables = {

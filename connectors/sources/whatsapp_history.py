@@ -60,7 +60,7 @@ class Position:
     """Where --follow resumes: rows inserted at or after ``inserted_time`` - overlap."""
 
     inserted_time: int = 0
-    # (login, chat, sender, message id) -> inserted_time of rows already published
+    # (bridge, login, chat, sender, message id) -> inserted_time of rows already published
     # in the overlap window, so a re-read does not publish them twice.
     seen: dict[tuple, int] = field(default_factory=dict)
 
@@ -70,17 +70,33 @@ class WhatsAppHistorySource(Source):
     network = NETWORK
     description = "mautrix-whatsapp database (Postgres URL or SQLite file): stored history sync"
 
+    accepts_url = True
+
     def __init__(
-        self, path: Path | str, options: dict[str, str] | None = None, since: Position | None = None
+        self,
+        path: Path | str,
+        options: dict[str, str] | None = None,
+        since: Position | None = None,
+        db: BridgeDB | None = None,
     ) -> None:
         super().__init__(Path(str(path)), options)
         self.location = str(path)  # a URL must not go through Path ("//" collapses)
         self.since = since
+        self.db = db  # an open database to use (and leave open): --follow keeps one
         self.position: Position | None = None  # set when read() finishes
         self.captured = 0  # rows published by this read (follow prints it)
 
+    @staticmethod
+    async def follow(
+        location: str, options: dict[str, str], settings: Any, echo: Any = print
+    ) -> None:
+        """``--follow``: keep publishing new rows (connectors.sources.wa_follow)."""
+        from connectors.sources.wa_follow import follow
+
+        await follow(location, options, settings, echo)
+
     def read(self) -> Iterator[SourceItem]:
-        db = open_db(self.location)
+        db = self.db or open_db(self.location)
         try:
             if self.since is not None and db.schema != BRIDGEV2:
                 raise SourceError(
@@ -93,7 +109,8 @@ class WhatsAppHistorySource(Source):
             else:
                 yield from self._since(db, self.since)
         finally:
-            db.close()
+            if db is not self.db:
+                db.close()
 
     # ------------------------------------------------------------ logins and chats
 
@@ -180,7 +197,7 @@ class WhatsAppHistorySource(Source):
                     sender, mid, inserted, data, size = row
                     if db.schema == BRIDGEV2 and isinstance(inserted, int):
                         if inserted >= start - OVERLAP_S:
-                            seen[(login, chat, sender, mid)] = inserted
+                            seen[(login.bridge_id, login.login, chat, sender, mid)] = inserted
                     yield from self._row(table, chat, mid, data, size, ctx)
         self.position = Position(start, seen)
 
@@ -245,11 +262,12 @@ class WhatsAppHistorySource(Source):
                 except NotAJid as exc:
                     yield Rejected(f"{table} chat={raw_chat!r} id={mid!r}", str(exc))
                     continue
-                key = (login, chat, sender, mid)
+                key = (bridge_id, login_id, chat, sender, mid)
                 newest = max(newest, int(inserted))
-                if skipped_chat(chat) or key in seen:
-                    continue
+                known = key in seen
                 seen[key] = int(inserted)
+                if skipped_chat(chat) or known:
+                    continue
                 if (login, chat) not in announced:
                     announced.add((login, chat))
                     yield PortalInfo(network=NETWORK, portal=chat, name=names.portal_name(chat))
