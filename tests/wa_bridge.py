@@ -362,3 +362,22 @@ def insert_postgres(url: str, b: Bridge) -> None:
                 cur.executemany(_pg(sql) + " ON CONFLICT DO NOTHING", rows)
     finally:
         conn.close()
+
+
+def history_sync(
+    conversations: list[tuple[str, list[Any], dict[str, Any]]],
+    pushnames: list[tuple[str, str]] = (),
+    lid_map: list[tuple[str, str]] = (),
+    sync_type: int = 0,
+) -> bytes:
+    """A serialized HistorySync: (chat, WebMessageInfos oldest first, Conversation fields)."""
+    blob = pb.HistorySync(sync_type=sync_type)
+    for chat, infos, extra in conversations:
+        conv = blob.conversations.add(id=chat, **extra)
+        for info in reversed(infos):  # WhatsApp sends them newest first
+            conv.messages.add().message.CopyFrom(info)
+    for jid, name in pushnames:
+        blob.pushnames.add(id=jid, pushname=name)
+    for pn, lid in lid_map:
+        blob.pn_lid_mappings.add(pn_jid=pn, lid_jid=lid)
+    return blob.SerializeToString()
