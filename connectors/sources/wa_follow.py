@@ -120,7 +120,7 @@ class Follower:
             if self.db is None:
                 self.db = open_db(self.location)
             source = WhatsAppHistorySource(
-                self.location, self.options, since=self.position, db=self.db
+                self.location, self.options, since=self.position, db=self.db, remember=True
             )
             items = source.read()
             first = next(items, None)

@@ -78,11 +78,15 @@ class WhatsAppHistorySource(Source):
         options: dict[str, str] | None = None,
         since: Position | None = None,
         db: BridgeDB | None = None,
+        remember: bool = False,
     ) -> None:
         super().__init__(Path(str(path)), options)
         self.location = str(path)  # a URL must not go through Path ("//" collapses)
         self.since = since
         self.db = db  # an open database to use (and leave open): --follow keeps one
+        # --follow: keep the keys of rows inside the overlap window (a one-shot import
+        # does not, so its memory stays flat however many rows one second inserted).
+        self.remember = remember or since is not None
         self.position: Position | None = None  # set when read() finishes
         self.captured = 0  # rows published by this read (follow prints it)
 
@@ -195,7 +199,7 @@ class WhatsAppHistorySource(Source):
                 yield PortalInfo(network=NETWORK, portal=chat, name=names.portal_name(chat))
                 for row in self._messages(db, login, conv):
                     sender, mid, inserted, data, size = row
-                    if db.schema == BRIDGEV2 and isinstance(inserted, int):
+                    if self.remember and isinstance(inserted, int):
                         if inserted >= start - OVERLAP_S:
                             seen[(login.bridge_id, login.login, chat, sender, mid)] = inserted
                     yield from self._row(table, chat, mid, data, size, ctx)

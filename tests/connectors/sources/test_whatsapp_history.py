@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from connectors.conformance import by_id, check_source, collect, messages
+from connectors.conformance import assert_streaming_memory, by_id, check_source, collect, messages
 from connectors.source import SourceError
 from connectors.sources.whatsapp_history import WhatsAppHistorySource
 from tests.conftest import unique
@@ -224,3 +224,15 @@ def test_thread_comment_and_media_caption_reply(tmp_path: Path) -> None:
     assert rejected == []
     assert got[(mid(GROUP, CAROL, "C1"), 0)].thread == mid(GROUP, BOB, "P1")
     assert got[(mid(GROUP, CAROL, "V1"), 0)].reply_to == mid(GROUP, BOB, "P1")
+
+
+def test_memory_is_flat(tmp_path: Path) -> None:
+    def make(n: int) -> WhatsAppHistorySource:
+        b = Bridge()
+        for c in range(n // 500):
+            chat = f"1555{c:07d}@s.whatsapp.net"
+            for i in range(500):
+                b.add(chat, web_message(chat, f"M{i}", T0 + i, text=f"message {i} " * 4))
+        return WhatsAppHistorySource(write_sqlite(tmp_path / f"big{n}.db", b))
+
+    assert_streaming_memory(make, 2_000, 20_000)
