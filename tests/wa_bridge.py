@@ -279,8 +279,8 @@ def _rows(b: Bridge, schema: str) -> list[tuple[str, list[tuple]]]:
         ('INSERT INTO "user" VALUES (?, ?)', [(mxid, b.login)]),
         (
             "INSERT INTO history_sync_conversation (user_mxid, conversation_id, portal_jid,"
-            " portal_receiver) VALUES (?, ?, ?, ?)",
-            [(mxid, c, c, mxid) for c, _ in b.conversations],
+            " portal_receiver, last_message_timestamp) VALUES (?, ?, ?, ?, ?)",
+            [(mxid, c, c, mxid, _iso(ts)) for c, ts in b.conversations],
         ),
         (
             "INSERT INTO history_sync_message VALUES (?, ?, ?, ?, ?, ?)",

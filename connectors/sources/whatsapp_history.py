@@ -16,8 +16,10 @@ rows inserted at or after a position, in insertion order.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +27,7 @@ from google.protobuf.message import DecodeError
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.wa_bridge_db import BRIDGEV2, BridgeDB, open_db, redact
-from connectors.sources.wa_content import NETWORK, Context, Refused, convert
+from connectors.sources.wa_content import FUTURE_SKEW_S, NETWORK, Context, Refused, convert
 from connectors.sources.wa_ids import (
     BROADCAST,
     PSA,
@@ -37,11 +39,28 @@ from connectors.sources.wa_ids import (
 )
 from connectors.sources.wa_names import Names
 from connectors.sources.wa_proto import HistorySyncMsg
-from topics.records import PortalInfo
+from topics.records import MIN_TS, PortalInfo
 
 PAGE_ROWS = 500
 MAX_ROW_BYTES = 4 * 1024 * 1024  # a message row; WhatsApp's own are a few KB
 OVERLAP_S = 10  # --follow re-reads this much before its position (late commits)
+
+
+def epoch_seconds(value: Any) -> int | None:
+    """Unix seconds of a stored time: BIGINT (bridgev2), or TIMESTAMP (legacy) as read back."""
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, datetime):
+        zone = value if value.tzinfo else value.replace(tzinfo=UTC)
+        return int(zone.timestamp())
+    if isinstance(value, str):  # SQLite keeps TIMESTAMP as text: "2024-01-02 03:04:05…"
+        try:
+            return int(datetime.fromisoformat(value[:19]).replace(tzinfo=UTC).timestamp())
+        except ValueError:
+            return None
+    return None
 
 
 def skipped_chat(chat: str) -> bool:
@@ -156,24 +175,26 @@ class WhatsAppHistorySource(Source):
         identity = names.identity(self._own(db, login))
         return Context(identity=identity, name_of=names.name_of, stats=self.stats), names
 
-    def _chats(self, db: BridgeDB, login: Login) -> Iterator[tuple[str, str]]:
-        """(conversation key, chat JID) of each stored conversation, a page at a time."""
+    def _chats(self, db: BridgeDB, login: Login) -> Iterator[tuple[str, str, Any]]:
+        """(conversation key, chat JID, last message time) of each conversation, paged."""
         if db.schema == BRIDGEV2:
             sql = (
-                "SELECT chat_jid, chat_jid FROM whatsapp_history_sync_conversation "
+                "SELECT chat_jid, chat_jid, last_message_timestamp "
+                "FROM whatsapp_history_sync_conversation "
                 "WHERE bridge_id = ? AND user_login_id = ? AND chat_jid > ? "
                 "ORDER BY chat_jid LIMIT ?"
             )
             scope: tuple = (login.bridge_id, login.login)
         else:
             sql = (
-                "SELECT conversation_id, portal_jid FROM history_sync_conversation "
+                "SELECT conversation_id, portal_jid, last_message_timestamp "
+                "FROM history_sync_conversation "
                 "WHERE user_mxid = ? AND conversation_id > ? ORDER BY conversation_id LIMIT ?"
             )
             scope = (login.login,)
         after = ""
         while rows := db.rows(sql, (*scope, after, PAGE_ROWS)):
-            yield from ((str(k), str(j or "")) for k, j in rows)
+            yield from ((str(k), str(j or ""), last) for k, j, last in rows)
             after = rows[-1][0]
 
     # ------------------------------------------------------------ the full read
@@ -187,7 +208,7 @@ class WhatsAppHistorySource(Source):
         seen: dict[tuple, int] = {}
         for login in self._logins(db):
             ctx, names = self._context(db, login)
-            for conv, raw_chat in self._chats(db, login):
+            for conv, raw_chat, last in self._chats(db, login):
                 try:
                     chat = non_ad(raw_chat)
                 except NotAJid as exc:
@@ -196,7 +217,7 @@ class WhatsAppHistorySource(Source):
                 if skipped_chat(chat):
                     self.stats["chats_skipped"] = self.stats.get("chats_skipped", 0) + 1
                     continue
-                yield PortalInfo(network=NETWORK, portal=chat, name=names.portal_name(chat))
+                yield self._portal(chat, names, last)
                 for row in self._messages(db, login, conv):
                     sender, mid, inserted, data, size = row
                     if self.remember and isinstance(inserted, int):
@@ -274,7 +295,12 @@ class WhatsAppHistorySource(Source):
                     continue
                 if (login, chat) not in announced:
                     announced.add((login, chat))
-                    yield PortalInfo(network=NETWORK, portal=chat, name=names.portal_name(chat))
+                    rows_last = db.rows(
+                        "SELECT last_message_timestamp FROM whatsapp_history_sync_conversation "
+                        "WHERE bridge_id = ? AND user_login_id = ? AND chat_jid = ?",
+                        (bridge_id, login_id, raw_chat),
+                    )
+                    yield self._portal(chat, names, rows_last[0][0] if rows_last else None)
                 yield from self._row(table, chat, mid, data, size, ctx)
             rows = db.rows(
                 head + f" AND ({cols}) > ({', '.join('?' * 7)})" + tail,
@@ -282,6 +308,15 @@ class WhatsAppHistorySource(Source):
             )
         keep = newest - OVERLAP_S
         self.position = Position(newest, {k: t for k, t in seen.items() if t >= keep})
+
+    def _portal(self, chat: str, names: Names, last: Any) -> PortalInfo:
+        """The portal record; the conversation's last message time ranks it (mautrix)."""
+        seconds = epoch_seconds(last)
+        ms = seconds * 1000 if seconds else None
+        if ms is not None and not MIN_TS <= ms <= (time.time() + FUTURE_SKEW_S) * 1000:
+            ms = None  # 0, garbage or in the future: rank by the messages instead
+        name = names.portal_name(chat)
+        return PortalInfo(network=NETWORK, portal=chat, name=name, last_activity_ts=ms)
 
     # ------------------------------------------------------------ one row
 

@@ -26,12 +26,12 @@ from google.protobuf.message import DecodeError
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder
 from connectors.sources.wa_bridge_db import BridgeDB
-from connectors.sources.wa_content import NETWORK, Context, Refused, convert
+from connectors.sources.wa_content import FUTURE_SKEW_S, NETWORK, Context, Refused, convert
 from connectors.sources.wa_ids import LID, USER, NotAJid, chat_of, non_ad, server_of, user_of
 from connectors.sources.wa_names import Names
 from connectors.sources.wa_proto import CLASSES, Conversation
 from connectors.sources.whatsapp_history import skipped_chat
-from topics.records import PortalInfo
+from topics.records import MIN_TS, PortalInfo
 
 MAX_CONVERSATION_BYTES = 64 * 1024 * 1024
 MAX_NAME_ENTRIES = 200_000  # push names / LID mappings kept from one blob
@@ -248,7 +248,12 @@ class WhatsAppHistoryBlobSource(Source):
         title = conv.display_name or conv.name
         if isinstance(title, str) and title:
             names.extra.setdefault(chat, title[:255])
-        yield PortalInfo(network=NETWORK, portal=chat, name=names.portal_name(chat))
+        last = conv.last_msg_timestamp * 1000 or None  # ranks it (max_initial_conversations)
+        if last is not None and not MIN_TS <= last <= (ctx.now_s + FUTURE_SKEW_S) * 1000:
+            last = None
+        yield PortalInfo(
+            network=NETWORK, portal=chat, name=names.portal_name(chat), last_activity_ts=last
+        )
         infos = [m.message for m in conv.messages]  # newest first
         if not any(i.HasField("comment_metadata") for i in infos):
             newer = None  # clamp as mautrix does (mautrix/whatsapp#946)

@@ -41,6 +41,9 @@ def check_sample(records: list) -> None:
     got = by_id(records)
     portals = {r.portal: r.name for r in records if type(r).__name__ == "PortalInfo"}
     assert portals == {ALICE: "Alice A.", GROUP: "Family", DAVE: "+15550000005"}
+    # The conversation's last message time ranks it for max_initial_conversations.
+    ranks = {r.portal: r.last_activity_ts for r in records if type(r).__name__ == "PortalInfo"}
+    assert ranks == {ALICE: T0 * 1000, GROUP: (T0 + 10) * 1000, DAVE: (T0 + 5) * 1000}
     # Own messages: the own JID in the id, the own LID ghost (senders prefer the LID).
     hello = got[(mid(ALICE, OWN_JID, "A2"), 0)]
     assert hello.sender.id == "lid-999000" and hello.content.body == "hello Alice"

@@ -48,7 +48,7 @@ def sample_blob() -> bytes:
         web_message(ALICE, "A2", T0 + 20, from_me=True, text="hello"),
     ]
     return history_sync(
-        [(GROUP, group, {"name": "The Group"}), (ALICE, dm, {})],
+        [(GROUP, group, {"name": "The Group", "last_msg_timestamp": T0 + 999}), (ALICE, dm, {})],
         pushnames=[(BOB, "Bob Push"), (CAROL, "Carol Push")],
         lid_map=[(ALICE, ALICE_LID)],
         sync_type=2,
@@ -73,6 +73,8 @@ def test_blob_conforms(tmp_path: Path, compressed: bool) -> None:
     portals = {r.portal: r.name for r in report.records if type(r).__name__ == "PortalInfo"}
     # The DM moved to Alice's LID (the blob maps her number), as the bridge does.
     assert portals == {GROUP: "The Group", ALICE_LID: "+15550000002"}
+    ranks = {r.portal: r.last_activity_ts for r in report.records if hasattr(r, "last_activity_ts")}
+    assert ranks == {GROUP: (T0 + 999) * 1000, ALICE_LID: None}
     first = got[(f"{GROUP}:{BOB}:G1", 0)]
     assert first.sender.name == "Bob Push"
     reply = got[(f"{GROUP}:{CAROL}:G2", 0)]
