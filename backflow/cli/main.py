@@ -174,8 +174,9 @@ def import_(
 
     sources = available()
     if list_formats:
+        width = max(map(len, sources), default=0)
         for name, cls in sources.items():
-            click.echo(f"{name:14} {cls.description}")
+            click.echo(f"{name:{width}} {cls.description}")
         return
     if not format or not path:
         raise click.UsageError("give FORMAT and PATH (or --list)")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from connectors.publish import describe_kinds, publish_source
 from connectors.source import Source, SourceError, SourceItem
-from connectors.sources.wa_bridge_db import BridgeDB, open_db, redact
+from connectors.sources.wa_bridge_db import BRIDGEV2, BridgeDB, open_db, redact
 from connectors.sources.whatsapp_history import Position, WhatsAppHistorySource
 from topics.retry import RetryPolicy, retry
 from topics.settings import Settings
@@ -119,6 +119,12 @@ class Follower:
         try:
             if self.db is None:
                 self.db = open_db(self.location)
+                if self.db.schema != BRIDGEV2:  # say so before importing anything
+                    raise SourceError(
+                        f"{redact(self.location)}: --follow needs the bridgev2 schema (its "
+                        "inserted_time is the position); this is the legacy bridge's database: "
+                        "import it once without --follow"
+                    )
             source = WhatsAppHistorySource(
                 self.location, self.options, since=self.position, db=self.db, remember=True
             )

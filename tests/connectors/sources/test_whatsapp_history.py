@@ -239,3 +239,19 @@ def test_memory_is_flat(tmp_path: Path) -> None:
         return WhatsAppHistorySource(write_sqlite(tmp_path / f"big{n}.db", b))
 
     assert_streaming_memory(make, 2_000, 20_000)
+
+
+def test_passwords_never_show(pg_admin: str) -> None:
+    from connectors.sources.wa_bridge_db import redact
+
+    assert redact("postgresql://bridge:s3cret@db:5432/wa") == "postgresql://bridge:***@db:5432/wa"
+    assert (
+        redact("postgres://u:p%40ss@h/db?sslmode=require")
+        == "postgres://u:***@h/db?sslmode=require"
+    )
+    assert redact("postgresql://u@h/db") == "postgresql://u@h/db"
+    # A refused connection names the database without its password.
+    url = "postgresql://nobody:hunter2@127.0.0.1:1/nothing"
+    with pytest.raises(SourceError) as info:
+        list(WhatsAppHistorySource(url).read())
+    assert "hunter2" not in str(info.value) and "nobody:***@127.0.0.1:1" in str(info.value)

@@ -171,3 +171,13 @@ def test_follow_from_the_cli(settings, tmp_path: Path) -> None:
     assert "from its saved position" in out and "captured 2 history-sync rows" in out, out
     got = asyncio.run(message_ids(settings))
     assert [n for n, c in got.items() if c > 1] == []
+
+
+async def test_follow_refuses_a_legacy_database_before_publishing(settings, tmp_path: Path) -> None:
+    from connectors.source import SourceError
+
+    db = write_sqlite(tmp_path / "legacy.db", sample(), schema="legacy")
+    follower = Follower(str(db), {}, settings, print, interval=0)
+    with pytest.raises(SourceError, match="--follow needs the bridgev2 schema"):
+        await follower.round()
+    assert await message_ids(settings) == Counter()
