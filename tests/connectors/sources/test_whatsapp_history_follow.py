@@ -181,3 +181,21 @@ async def test_follow_refuses_a_legacy_database_before_publishing(settings, tmp_
     with pytest.raises(SourceError, match="--follow needs the bridgev2 schema"):
         await follower.round()
     assert await message_ids(settings) == Counter()
+
+
+async def test_cli_takes_a_postgres_url(settings, pg_admin) -> None:
+    from backflow.stack.postgres import create_database, drop_database
+    from tests.helpers import backflow_cli
+
+    name = unique("wa_cli_")
+    url = await create_database(pg_admin, name)
+    try:
+        write_postgres(url, sample())
+        result = await asyncio.to_thread(
+            backflow_cli, settings, "import", "whatsapp-history", url, "-o", "login=15550000001"
+        )
+        assert result.returncode == 0, result.stderr
+        assert "13 messages, 4 reactions, 1 edits, 1 redactions in 3 portals" in result.stdout
+        assert sum((await message_ids(settings)).values()) == SAMPLE_MESSAGES
+    finally:
+        await drop_database(pg_admin, name)
