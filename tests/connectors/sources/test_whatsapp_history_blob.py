@@ -176,3 +176,32 @@ def test_blob_memory_is_flat(tmp_path: Path) -> None:
         return WhatsAppHistoryBlobSource(path, {"own_jid": OWN})
 
     assert_streaming_memory(make, 2_000, 20_000)
+
+
+def test_zlib_bomb_costs_one_step(tmp_path: Path) -> None:
+    """200 MB of one conversation field from a 200 KB file: skipped in chunks, one rejection."""
+    from tests.helpers import traced_peak
+
+    size = 200 * 1024 * 1024
+    varint = bytearray()
+    n = size
+    while n >= 0x80:
+        varint.append(n & 0x7F | 0x80)
+        n >>= 7
+    varint.append(n)
+    packer = zlib.compressobj(9)
+    parts = [packer.compress(bytes([0x12]) + bytes(varint))]
+    zeros = bytes(1024 * 1024)
+    parts += [packer.compress(zeros) for _ in range(size // len(zeros))]
+    parts.append(
+        packer.compress(history_sync([(ALICE, [web_message(ALICE, "A1", T0, text="after")], {})]))
+    )
+    parts.append(packer.flush())
+    bomb = write(tmp_path / "bomb.bin", b"".join(parts))
+    assert bomb.stat().st_size < 1024 * 1024
+    (records, rejected), peak = traced_peak(
+        lambda: collect(WhatsAppHistoryBlobSource(bomb, {"own_jid": OWN}))
+    )
+    assert [m.content.body for m in messages(records)] == ["after"]
+    assert len(rejected) == 1 and f"{size} bytes, over" in rejected[0].reason
+    assert peak < 8 * 1024 * 1024
