@@ -19,6 +19,7 @@ from tests.helpers import read_topic, stage_env
 from tests.wa_bridge import (
     ALICE,
     BOB,
+    DAVE,
     GROUP,
     T0,
     Bridge,
@@ -199,3 +200,36 @@ async def test_cli_takes_a_postgres_url(settings, pg_admin) -> None:
         assert sum((await message_ids(settings)).values()) == SAMPLE_MESSAGES
     finally:
         await drop_database(pg_admin, name)
+
+
+async def test_markers_wait_for_quiet_and_rank_one_sync(settings, tmp_path: Path) -> None:
+    """Chats captured over several rounds are completed together, once, after dispatch_wait."""
+    from topics.records import HistoryComplete, SyncComplete
+
+    async def markers() -> tuple[list, list]:
+        records = await read_topic(settings, settings.catalog.history)
+        return (
+            [r for r in records if isinstance(r, HistoryComplete)],
+            [r for r in records if isinstance(r, SyncComplete)],
+        )
+
+    db = write_sqlite(tmp_path / "wa.db", sample())
+    follower = Follower(str(db), {}, settings, print, interval=0, dispatch_wait=0.5)
+    assert await follower.round() == 16
+    insert_sqlite(db, new_rows(2, 0))
+    assert await follower.round() == 2
+    assert await follower.complete() == 0  # not quiet long enough yet
+    assert await markers() == ([], [])
+    follower.close()
+    # A restart keeps what awaits its markers.
+    again = Follower(str(db), {}, settings, print, interval=0, dispatch_wait=0.5)
+    assert set(again.pending) == {("whatsapp", ALICE), ("whatsapp", GROUP), ("whatsapp", DAVE)}
+    await asyncio.sleep(0.6)
+    assert await again.step() == 0 and again.pending == {}
+    done, syncs = await markers()
+    assert sorted(m.portal for m in done) == sorted([ALICE, GROUP, DAVE])
+    assert {m.sync for m in done} == {syncs[0].sync} and len(syncs) == 1
+    assert syncs[0].portals == 3
+    counts = {m.portal: m.count for m in done}
+    assert counts[GROUP] == 10 + 2  # 7 messages and 3 reactions, then 2 new rows
+    again.close()
