@@ -93,6 +93,8 @@ def emoji(name: str) -> str:
     return char + _SKIN_TONES.get(tone, "")
 
 
+
+
 class Mrkdwn:
     """Slack mrkdwn to (plain body, Matrix HTML or None when there is no formatting)."""
 

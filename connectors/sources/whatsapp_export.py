@@ -177,7 +177,9 @@ class ChatExport:
             return None
         return read_bounded(beside, MAX_INLINE_BYTES)
 
-    def siblings(self, files: int, lines: int) -> Iterator[Iterator[tuple[int, bytes | None]]]:
+    def siblings(
+        self, files: int, lines: int
+    ) -> Iterator[Iterator[tuple[int, bytes | None]]]:
         """The first ``lines`` raw lines of up to ``files`` other chat ``.txt`` beside this one.
 
         Only for a ``.txt`` export, and only its own folder (the import's scope,

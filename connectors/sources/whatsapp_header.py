@@ -297,7 +297,9 @@ class OrderEvidence:
         return Decision(order, False, "no date says otherwise; day-first is the most common")
 
 
-def evidence_of(regex: re.Pattern[str], lines: Iterable[tuple[int, bytes | None]]) -> OrderEvidence:
+def evidence_of(
+    regex: re.Pattern[str], lines: Iterable[tuple[int, bytes | None]]
+) -> OrderEvidence:
     """The date-order evidence of raw ``(number, line)`` pairs in ``regex``'s layout."""
     evidence = OrderEvidence()
     for number, raw in lines:
