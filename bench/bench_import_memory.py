@@ -18,7 +18,8 @@ both sizes are under it, ">=x" (against 1 MiB) when only the smaller one is.
     .venv/bin/python bench/bench_import_memory.py --sizes 10000,100000 --formats whatsapp,jsonl
 
 Formats: whatsapp (the .txt), whatsapp-zip (the same text zipped, as the
-phone exports it), slack (workspace .zip), telegram (result.json), jsonl, csv.
+phone exports it), slack (workspace .zip), telegram (result.json), jsonl, csv,
+whatsapp-history (a mautrix-whatsapp SQLite database, one row per message).
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ FORMATS = {
     "signal-export": ("signal-export", "signal-export"),
     "signal-backup": ("signal-backup", "signal-backup"),
     "signal-backup-v2": ("signal-backup-v2", "signal-backup-v2"),
+    "whatsapp-history": ("whatsapp-history", "whatsapp-history"),
 }
 # The test passphrase of tests/signal_backup_writer.py (generated backups only).
 SIGNAL_TEST_PASSPHRASE = "123451234512345123451234512345"

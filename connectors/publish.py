@@ -49,6 +49,8 @@ class ImportSummary:
     stats: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     sync: str = ""
+    # (network, portal) -> history messages published: what the markers say.
+    counts: dict[tuple[str, str], int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -187,8 +189,14 @@ async def publish_source(
     settings: Settings,
     progress: Progress | None = None,
     on_reject: OnReject | None = None,
+    complete: bool = True,
 ) -> ImportSummary:
-    """Run a source to the end and publish everything it yields."""
+    """Run a source to the end and publish everything it yields.
+
+    ``complete=False`` leaves out the run's markers (``summary.counts`` says
+    what they would be): a follower publishes them later with
+    :func:`publish_complete`, once the network has been quiet.
+    """
     summary = ImportSummary(source=source.name, sync=uuid.uuid4().hex)
     started = time.monotonic()
     producer = bus.producer(settings)
@@ -223,20 +231,12 @@ async def publish_source(
                 summary.seconds = time.monotonic() - started
                 progress(summary)
         await publisher.flush()
-        # Markers go after the acks, so each follows its portal's history.
-        networks: Counter[str] = Counter()
-        for (network, portal), count in counts.items():
-            marker = HistoryComplete(network, portal, count=count, sync=summary.sync)
-            await publisher.send(settings.catalog.history, marker)
-            networks[network] += 1
-        await publisher.flush()
-        for network, portals in networks.items():
-            done = SyncComplete(network=network, sync=summary.sync, portals=portals)
-            await publisher.send(settings.catalog.history, done)
-        await publisher.flush()
+        if complete:
+            await _markers(publisher, settings, counts, summary.sync)
     finally:
         await producer.stop()
     summary.portals = len(counts)
+    summary.counts = counts
     summary.stats = dict(source.stats)
     if publisher.members_capped:
         summary.stats["members_capped"] = publisher.members_capped
@@ -244,6 +244,36 @@ async def publish_source(
     if progress is not None:
         progress(summary)
     return summary
+
+
+async def _markers(
+    publisher: Publisher, settings: Settings, counts: dict[tuple[str, str], int], sync: str
+) -> None:
+    # Markers go after the acks, so each follows its portal's history.
+    networks: Counter[str] = Counter()
+    for (network, portal), count in counts.items():
+        marker = HistoryComplete(network, portal, count=count, sync=sync)
+        await publisher.send(settings.catalog.history, marker)
+        networks[network] += 1
+    await publisher.flush()
+    for network, portals in networks.items():
+        done = SyncComplete(network=network, sync=sync, portals=portals)
+        await publisher.send(settings.catalog.history, done)
+    await publisher.flush()
+
+
+async def publish_complete(
+    settings: Settings, counts: dict[tuple[str, str], int], sync: str | None = None
+) -> str:
+    """One sync's markers for history published earlier (``complete=False`` runs); its id."""
+    sync = sync or uuid.uuid4().hex
+    producer = bus.producer(settings)
+    await bus.start(producer, settings)
+    try:
+        await _markers(Publisher(settings, producer, Stage.IMPORT), settings, counts, sync)
+    finally:
+        await producer.stop()
+    return sync
 
 
 def to_dict_safe(item: object) -> str:

@@ -56,8 +56,12 @@ class Source:
     # True when read() yields records made by topics.codec.decode (JSONL):
     # they passed the codec's validation, so the framework does not repeat it.
     decoded: ClassVar[bool] = False
+    # True when PATH may also be a database URL (``postgresql://…``): the CLI then
+    # passes it as given instead of checking for a file.
+    accepts_url: ClassVar[bool] = False
 
     def __init__(self, path: Path, options: dict[str, str] | None = None) -> None:
+        # (With accepts_url, a connector's own __init__ takes the URL as a str.)
         self.path = Path(path)
         self.options = dict(options or {})
         # Filled by read() for the final summary: e.g. {"media": 3}.

@@ -70,7 +70,13 @@ def walk(
             out.syncs.append(rec)
             out.decide.add((rec.network, rec.sync))
         elif isinstance(rec, PortalInfo):
-            portals[rec.key].info = item.raw or encode(rec)
+            portal = portals[rec.key]
+            portal.info = item.raw or encode(rec)
+            # The network's own last-activity time ranks the portal too (mautrix
+            # ranks WhatsApp chats by the conversation's last message time).
+            last = rec.last_activity_ts
+            if last is not None and (portal.newest_ts is None or last > portal.newest_ts):
+                portal.newest_ts = last
         elif isinstance(rec, HistoryComplete):
             portal = portals[rec.key]
             portal.history_complete = True

@@ -194,6 +194,41 @@ def write_signal_backup_v2(folder: Path, n: int) -> Path:
             yield {"chatItem": {**item, "standardMessage": text}}
 
     return write_v2(folder, frames()) / "signal-backup-2026-05-01-10-00-00" / "main"
+def write_whatsapp_history(folder: Path, n: int, per_chat: int = 1000) -> Path:
+    """A mautrix-whatsapp (bridgev2) SQLite database: groups of ``per_chat`` rows, 5 senders."""
+    import sqlite3
+
+    if str(Path(__file__).resolve().parent.parent) not in sys.path:
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.wa_bridge import BRIDGEV2_DDL, OWN, WHATSMEOW_DDL, encode, web_message
+
+    path = folder / f"whatsapp-{n}.db"
+    base = int(START.timestamp())
+    with sqlite3.connect(path) as conn:
+        conn.executescript(BRIDGEV2_DDL.format(blob="BLOB") + WHATSMEOW_DDL)
+        rows: list[tuple] = []
+        for i in range(n):
+            chat = f"1203630{i // per_chat:011d}@g.us"
+            if i % per_chat == 0:
+                conn.execute(
+                    "INSERT INTO whatsapp_history_sync_conversation (bridge_id, user_login_id, "
+                    "chat_jid, last_message_timestamp) VALUES ('whatsapp', ?, ?, ?)",
+                    (OWN, chat, base + i + per_chat),
+                )
+            sender = f"155500{i % 5:05d}@s.whatsapp.net"
+            info = web_message(chat, f"M{i}", base + i, participant=sender, text=_text(i))
+            rows.append(("whatsapp", OWN, chat, sender, f"M{i}", base + i, encode(info), base))
+            if len(rows) >= 10_000:
+                conn.executemany(
+                    "INSERT INTO whatsapp_history_sync_message VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+                rows.clear()
+        conn.executemany(
+            "INSERT INTO whatsapp_history_sync_message VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows
+        )
+    conn.close()
+    return path
 
 
 WRITERS: dict[str, Callable[[Path, int], Path]] = {
@@ -205,6 +240,7 @@ WRITERS: dict[str, Callable[[Path, int], Path]] = {
     "signal-export": write_signal_export,
     "signal-backup": write_signal_backup,
     "signal-backup-v2": write_signal_backup_v2,
+    "whatsapp-history": write_whatsapp_history,
 }
 
 

@@ -140,6 +140,11 @@ class PortalInfo(PortalMeta):
 
     TYPE: ClassVar[str] = "portal"
 
+    # The network's own "last activity" time of the chat (WhatsApp's conversation
+    # lastMsgTimestamp), Unix ms: ranks it for max_initial_conversations when it is
+    # later than its newest message in the log (the bridge may have deleted those).
+    last_activity_ts: int | None = None
+
 
 @dataclass(slots=True)
 class HistoryComplete:

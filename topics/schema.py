@@ -306,7 +306,7 @@ def _portal_meta(o: _Obj) -> dict[str, Any]:
 
 
 def _portal(o: _Obj) -> PortalInfo:
-    return PortalInfo(**_portal_meta(o))
+    return PortalInfo(**_portal_meta(o), last_activity_ts=o.ts("last_activity_ts", required=False))
 
 
 def _history_complete(o: _Obj) -> HistoryComplete:

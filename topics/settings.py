@@ -78,6 +78,10 @@ class SinkSettings:
     media_allow: str = ""
     media_max_bytes: int = 100 * 1024 * 1024
     media_timeout_s: float = 60.0
+    # Per-network ghost / alias naming in mautrix's username_template style,
+    # "whatsapp=whatsapp_{id}": backfill as the bridge's own ghosts (docs/sink.md).
+    ghost_templates: str = ""
+    alias_templates: str = ""
 
 
 @dataclass(frozen=True)

@@ -148,7 +148,7 @@ def _ask_secret(source: object) -> None:
 
 @cli.command("import")
 @click.argument("format", required=False)
-@click.argument("path", required=False, type=click.Path(path_type=Path))
+@click.argument("path", required=False)
 @click.option("--option", "-o", "options", multiple=True, help="Connector option NAME=VALUE.")
 @click.option("--list", "list_formats", is_flag=True, help="List the installed connectors.")
 @click.option(
@@ -156,22 +156,27 @@ def _ask_secret(source: object) -> None:
     is_flag=True,
     help="Read and validate, print per portal what would go out; publish nothing.",
 )
+@click.option(
+    "--follow", is_flag=True, help="Keep watching PATH and publish what appears (whatsapp-history)."
+)
 @click.pass_context
 def import_(
     ctx: click.Context,
     format: str | None,
-    path: Path | None,
+    path: str | None,
     options: tuple[str, ...],
     list_formats: bool,
     dry_run: bool,
+    follow: bool,
 ) -> None:
     """Import history from PATH with the FORMAT connector (see --list)."""
     from connectors.publish import publish_source
 
     sources = available()
     if list_formats:
+        width = max(map(len, sources), default=0)
         for name, cls in sources.items():
-            click.echo(f"{name:17} {cls.description}")
+            click.echo(f"{name:{width}} {cls.description}")
         return
     if not format or not path:
         raise click.UsageError("give FORMAT and PATH (or --list)")
@@ -179,9 +184,21 @@ def import_(
         raise click.BadParameter(
             f"unknown format {format!r}; installed: {', '.join(sources)}", param_hint="FORMAT"
         )
-    if not path.exists():
+    connector = sources[format]
+    url = connector.accepts_url and "://" in path  # a database URL, passed as given
+    if not url and not Path(path).exists():
         raise SourceError(f"{path}: no such file or directory")
-    source = sources[format](path, _parse_options(options))
+    if follow:
+        runner = getattr(connector, "follow", None)
+        if runner is None:
+            raise click.UsageError(f"{format} cannot --follow")
+        echo = lambda line: click.echo(printable(line))  # noqa: E731
+        try:
+            asyncio.run(runner(path, _parse_options(options), settings_of(ctx), echo))
+        except KeyboardInterrupt:
+            click.echo("stopped; the next --follow resumes from the saved position")
+        return
+    source = connector(path if url else Path(path), _parse_options(options))
     _ask_secret(source)
     if dry_run:
         from connectors.dry_run import preview

@@ -21,7 +21,7 @@ from connectors.matrix.client import MatrixRequestError, describe
 from connectors.matrix.ghosts import room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.runner import open_client, run_sink
-from connectors.matrix.sink import SinkError
+from connectors.matrix.sink import SinkError, naming_templates
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore, StoreUnreachable
 from topics.settings import Settings
@@ -106,7 +106,7 @@ async def timeline_lines(settings: Settings, portal_or_room: str) -> list[str]:
         raise SinkError(str(exc)) from None
     client = await open_client(settings, registration)
     try:
-        room_id = await _find_room(settings, client, registration.alias_prefix, portal_or_room)
+        room_id = await _find_room(settings, client, registration, portal_or_room)
         try:
             events = await client.timeline(
                 room_id, types=["m.room.message", "m.reaction", "m.room.redaction"]
@@ -118,7 +118,7 @@ async def timeline_lines(settings: Settings, portal_or_room: str) -> list[str]:
     return [format_event(e) for e in events]
 
 
-async def _find_room(settings: Settings, client: Any, alias_prefix: str, value: str) -> str:
+async def _find_room(settings: Settings, client: Any, registration: Any, value: str) -> str:
     if value.startswith("!"):
         return value
     if value.startswith("#"):
@@ -138,7 +138,9 @@ async def _find_room(settings: Settings, client: Any, alias_prefix: str, value: 
         return str(row["room_id"])
     network, sep, portal = value.partition(":")
     if sep and settings.homeserver.server_name:
-        alias = room_alias(alias_prefix, network, portal, settings.homeserver.server_name)
+        _, templates = naming_templates(settings, registration)
+        server = settings.homeserver.server_name
+        alias = room_alias(registration.alias_prefix, network, portal, server, templates)
         room = await client.resolve_alias(alias)
         if room is not None:
             return room

@@ -5,6 +5,11 @@ Scheme (documented in docs/sink.md):
     ghost localpart = {user_prefix}{net}_{escape(sender id)}
     alias localpart = {alias_prefix}{net}_{escape(portal id)}
 
+or, for a network with a template (``sink.ghost_templates`` /
+``sink.alias_templates``, mautrix's ``username_template`` style such as
+``whatsapp_{id}``), the template's prefix + ``escape(id)``, so backflow's
+ghosts can be the bridge's own.
+
 ``escape`` is the spec's "mapping from other character sets" (Matrix spec,
 appendices, "Mapping from other character sets"): UTF-8 encode, then
 
@@ -27,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 
 from connectors.matrix.client import MatrixClient, MatrixRequestError
 from connectors.matrix.fetch import MediaError
@@ -101,24 +107,88 @@ def _fit(prefix: str, escaped: str, room: int) -> str:
     return f"{prefix}{cut}{_HASH_MARK}{digest}"
 
 
-def ghost_localpart(user_prefix: str, network: str, sender_id: str, server_name: str) -> str:
-    """The localpart of the ghost for ``sender_id`` on ``network``."""
+# Per-network naming templates (sink.ghost_templates / sink.alias_templates):
+# {network: literal prefix}, the id goes where the template's "{id}" ends it.
+Templates = dict[str, str]
+_TEMPLATE = re.compile(r"^(?P<net>[a-z0-9][a-z0-9_.-]*)=(?P<prefix>[a-z0-9._=/-]*)\{id\}$")
+
+
+def parse_templates(text: str, setting: str, namespace_prefix: str) -> Templates:
+    """``"whatsapp=whatsapp_{id},signal=signal_{id}"`` -> {network: prefix}.
+
+    mautrix's ``username_template`` style. The literal part must be in the
+    localpart alphabet and inside the registration's namespace (start with
+    ``namespace_prefix``), or the homeserver would refuse every ghost.
+    """
+    out: Templates = {}
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        match = _TEMPLATE.match(item)
+        if match is None:
+            raise ValueError(
+                f"{setting}: {item!r} is not NETWORK=PREFIX{{id}} (lowercase letters, digits, "
+                "._=/- before a final {id})"
+            )
+        if not match["prefix"].startswith(namespace_prefix):
+            raise ValueError(
+                f"{setting}: {item!r} is outside the registration's namespace "
+                f"(localparts must start with {namespace_prefix!r})"
+            )
+        out[match["net"]] = match["prefix"]
+    return out
+
+
+def ghost_localpart(
+    user_prefix: str,
+    network: str,
+    sender_id: str,
+    server_name: str,
+    templates: Templates | None = None,
+) -> str:
+    """The localpart of the ghost for ``sender_id`` on ``network`` (a template's if set)."""
     room = MAX_MXID - len(server_name) - 2  # "@" and ":"
-    return _fit(f"{user_prefix}{_network(network)}_", escape(sender_id), room)
+    prefix = (templates or {}).get(network)
+    if prefix is None:
+        prefix = f"{user_prefix}{_network(network)}_"
+    return _fit(prefix, escape(sender_id), room)
 
 
-def ghost_user_id(user_prefix: str, network: str, sender_id: str, server_name: str) -> str:
-    return f"@{ghost_localpart(user_prefix, network, sender_id, server_name)}:{server_name}"
+def ghost_user_id(
+    user_prefix: str,
+    network: str,
+    sender_id: str,
+    server_name: str,
+    templates: Templates | None = None,
+) -> str:
+    local = ghost_localpart(user_prefix, network, sender_id, server_name, templates)
+    return f"@{local}:{server_name}"
 
 
-def alias_localpart(alias_prefix: str, network: str, portal_id: str, server_name: str) -> str:
+def alias_localpart(
+    alias_prefix: str,
+    network: str,
+    portal_id: str,
+    server_name: str,
+    templates: Templates | None = None,
+) -> str:
     """The localpart of the portal room alias (the room's idempotency key)."""
     room = MAX_MXID - len(server_name) - 2
-    return _fit(f"{alias_prefix}{_network(network)}_", escape(portal_id), room)
+    prefix = (templates or {}).get(network)
+    if prefix is None:
+        prefix = f"{alias_prefix}{_network(network)}_"
+    return _fit(prefix, escape(portal_id), room)
 
 
-def room_alias(alias_prefix: str, network: str, portal_id: str, server_name: str) -> str:
-    return f"#{alias_localpart(alias_prefix, network, portal_id, server_name)}:{server_name}"
+def room_alias(
+    alias_prefix: str,
+    network: str,
+    portal_id: str,
+    server_name: str,
+    templates: Templates | None = None,
+) -> str:
+    local = alias_localpart(alias_prefix, network, portal_id, server_name, templates)
+    return f"#{local}:{server_name}"
 
 
 def parse_ghost(user_prefix: str, user_id: str) -> tuple[str, str | None] | None:
@@ -149,10 +219,17 @@ class Ghosts:
     profile); an in-process cache avoids the database on the hot path.
     """
 
-    def __init__(self, client: MatrixClient, store: SinkStore, user_prefix: str) -> None:
+    def __init__(
+        self,
+        client: MatrixClient,
+        store: SinkStore,
+        user_prefix: str,
+        templates: Templates | None = None,
+    ) -> None:
         self.client = client
         self.store = store
         self.user_prefix = user_prefix
+        self.templates = templates or {}
         self.server = client.server_name
         self._cache: dict[str, tuple[str | None, str | None]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
@@ -161,7 +238,7 @@ class Ghosts:
         self, network: str, sender_id: str, name: str | None, avatar: str | None
     ) -> str:
         """Register the ghost once and keep its profile up to date; returns its user id."""
-        local = ghost_localpart(self.user_prefix, network, sender_id, self.server)
+        local = ghost_localpart(self.user_prefix, network, sender_id, self.server, self.templates)
         user_id = f"@{local}:{self.server}"
         cached = self._cache.get(user_id)
         if (

@@ -32,6 +32,7 @@ class Rooms:
         producer: AIOKafkaProducer,
         portal_events: str,
         alias_prefix: str,
+        alias_templates: dict[str, str] | None = None,
     ) -> None:
         self.client = client
         self.store = store
@@ -40,6 +41,7 @@ class Rooms:
         self.producer = producer
         self.portal_events = portal_events
         self.alias_prefix = alias_prefix
+        self.alias_templates = alias_templates or {}
         self.server = client.server_name
 
     async def ensure_member(self, room: RoomState, user_id: str) -> None:
@@ -69,7 +71,9 @@ class Rooms:
                 await self.create(portal, CreateRoom(network=network, portal=portal_id))
                 assert portal.room is not None
                 return portal.room
-            alias = alias_localpart(self.alias_prefix, network, portal_id, self.server)
+            alias = alias_localpart(
+                self.alias_prefix, network, portal_id, self.server, self.alias_templates
+            )
             portal.room = RoomState(room_id, f"#{alias}:{self.server}")
             portal.room.last_event = await self.store.newest_event(room_id)
         return portal.room
@@ -81,7 +85,9 @@ class Rooms:
             await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
             for m in cmd.members
         ]
-        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        local = alias_localpart(
+            self.alias_prefix, cmd.network, cmd.portal, self.server, self.alias_templates
+        )
         alias = f"#{local}:{self.server}"
         room_id = await self.store.room(key)
         if room_id is None:

@@ -36,7 +36,7 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from connectors.matrix.client import MatrixClient
-from connectors.matrix.ghosts import Ghosts
+from connectors.matrix.ghosts import Ghosts, parse_templates
 from connectors.matrix.offsets import OffsetTracker
 from connectors.matrix.queues import ROOM_BUFFER, PortalQueue, WorkItem
 from connectors.matrix.registration import Registration
@@ -64,6 +64,22 @@ class SinkError(Exception):
     """A startup problem the operator must fix (one line, no traceback)."""
 
 
+def naming_templates(
+    settings: Settings, registration: Registration
+) -> tuple[dict[str, str], dict[str, str]]:
+    """The sink's ghost and alias templates, checked against the registration's namespaces."""
+    try:
+        ghosts = parse_templates(
+            settings.sink.ghost_templates, "sink.ghost_templates", registration.user_prefix
+        )
+        aliases = parse_templates(
+            settings.sink.alias_templates, "sink.alias_templates", registration.alias_prefix
+        )
+    except ValueError as exc:
+        raise SinkError(str(exc)) from None
+    return ghosts, aliases
+
+
 class MatrixSink(SinkTask):
     def __init__(
         self,
@@ -88,7 +104,8 @@ class MatrixSink(SinkTask):
         self.dead_letters = DeadLetters(
             producer, settings.catalog.dead_letters, Stage.SINK, scrub=client.scrub
         )
-        self.ghosts = Ghosts(client, store, registration.user_prefix)
+        ghost_templates, alias_templates = naming_templates(settings, registration)
+        self.ghosts = Ghosts(client, store, registration.user_prefix, ghost_templates)
         self.rooms = Rooms(
             client,
             store,
@@ -97,6 +114,7 @@ class MatrixSink(SinkTask):
             producer,
             settings.catalog.portal_events,
             registration.alias_prefix,
+            alias_templates,
         )
         self.sender = MessageSender(
             client, store, self.ghosts, self.rooms, stats, self.turns, self.item_dead_letter

@@ -41,6 +41,17 @@ def test_backflow_services_run_real_commands():
         assert not isinstance(command, click.Group), name
 
 
+def test_whatsapp_history_follower_is_opt_in():
+    follower = SERVICES["whatsapp-history"]
+    assert follower["profiles"] == ["whatsapp"]  # `docker compose up` alone does not start it
+    command = follower["command"]
+    assert resolve_command(command[:2]).name == "import" and command[2] == "whatsapp-history"
+    assert command[-1] == "--follow"
+    # The password comes from the environment, never the command line.
+    assert ":" not in command[3].split("//", 1)[1].split("@", 1)[0]
+    assert "PGPASSWORD" in follower["environment"]
+
+
 def test_environment_names_are_settings_the_code_reads():
     for name, service in SERVICES.items():
         env = service.get("environment") or {}
