@@ -59,6 +59,10 @@ class Source:
     # True when PATH may also be a database URL (``postgresql://…``): the CLI then
     # passes it as given instead of checking for a file.
     accepts_url: ClassVar[bool] = False
+    # "module:function" of the coroutine ``backflow import FORMAT PATH --follow``
+    # runs, called (location, options, settings, echo). A name, not a method, so
+    # the follow loop (which reads through this source) is imported only to run.
+    follower: ClassVar[str | None] = None
 
     def __init__(self, path: Path, options: dict[str, str] | None = None) -> None:
         # (With accepts_url, a connector's own __init__ takes the URL as a str.)

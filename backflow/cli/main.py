@@ -9,6 +9,7 @@ line instead of a traceback.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import sys
 from pathlib import Path
@@ -189,9 +190,10 @@ def import_(
     if not url and not Path(path).exists():
         raise SourceError(f"{path}: no such file or directory")
     if follow:
-        runner = getattr(connector, "follow", None)
-        if runner is None:
+        if connector.follower is None:
             raise click.UsageError(f"{format} cannot --follow")
+        module, _, name = connector.follower.partition(":")
+        runner = getattr(importlib.import_module(module), name)
         echo = lambda line: click.echo(printable(line))  # noqa: E731
         try:
             asyncio.run(runner(path, _parse_options(options), settings_of(ctx), echo))

@@ -90,6 +90,7 @@ class WhatsAppHistorySource(Source):
     description = "mautrix-whatsapp database (Postgres URL or SQLite file): stored history sync"
 
     accepts_url = True
+    follower = "connectors.sources.wa_follow:follow"
 
     def __init__(
         self,
@@ -108,15 +109,6 @@ class WhatsAppHistorySource(Source):
         self.remember = remember or since is not None
         self.position: Position | None = None  # set when read() finishes
         self.captured = 0  # rows published by this read (follow prints it)
-
-    @staticmethod
-    async def follow(
-        location: str, options: dict[str, str], settings: Any, echo: Any = print
-    ) -> None:
-        """``--follow``: keep publishing new rows (connectors.sources.wa_follow)."""
-        from connectors.sources.wa_follow import follow
-
-        await follow(location, options, settings, echo)
 
     def read(self) -> Iterator[SourceItem]:
         db = self.db or open_db(self.location)
