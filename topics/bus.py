@@ -6,13 +6,12 @@ Every stage talks to Kafka through these helpers so that producer settings
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from topics.codec import encode
-from topics.records import DeadLetter, Record
+from topics.records import Record
 from topics.settings import Settings
 
 
@@ -97,32 +96,3 @@ async def send_all(producer: AIOKafkaProducer, topic: str, records: Iterable[Rec
     for f in futures:
         await f
     return len(futures)
-
-
-def dead_letter(
-    stage: str,
-    reason: str,
-    original: bytes | str,
-    source: str | None = None,
-    key: str | None = None,
-) -> DeadLetter:
-    if isinstance(original, bytes):
-        original = original.decode("utf-8", "replace")
-    return DeadLetter(
-        stage=stage,
-        reason=reason,
-        original=original,
-        source=source,
-        key=key,
-        ts=int(time.time() * 1000),
-    )
-
-
-async def send_dead_letter(
-    producer: AIOKafkaProducer, settings: Settings, letter: DeadLetter
-) -> None:
-    """Publish a dead letter and wait for the ack: it must not be lost either."""
-    future = await send(
-        producer, settings.catalog.dead_letters, letter, key=letter.key or letter.stage
-    )
-    await future
