@@ -147,11 +147,7 @@ def ghost_localpart(
     templates: Templates | None = None,
 ) -> str:
     """The localpart of the ghost for ``sender_id`` on ``network`` (a template's if set)."""
-    room = MAX_MXID - len(server_name) - 2  # "@" and ":"
-    prefix = (templates or {}).get(network)
-    if prefix is None:
-        prefix = f"{user_prefix}{_network(network)}_"
-    return _fit(prefix, escape(sender_id), room)
+    return _localpart(user_prefix, network, sender_id, server_name, templates)
 
 
 def ghost_user_id(
@@ -173,11 +169,19 @@ def alias_localpart(
     templates: Templates | None = None,
 ) -> str:
     """The localpart of the portal room alias (the room's idempotency key)."""
-    room = MAX_MXID - len(server_name) - 2
-    prefix = (templates or {}).get(network)
-    if prefix is None:
-        prefix = f"{alias_prefix}{_network(network)}_"
-    return _fit(prefix, escape(portal_id), room)
+    return _localpart(alias_prefix, network, portal_id, server_name, templates)
+
+
+def _localpart(
+    prefix: str, network: str, ident: str, server_name: str, templates: Templates | None
+) -> str:
+    """``{prefix}{net}_{escape(id)}``, or the network's template prefix + ``escape(id)``,
+    fitted so the whole id (sigil, ``:`` and server name included) stays within the limit."""
+    room = MAX_MXID - len(server_name) - 2  # the sigil and ":"
+    start = (templates or {}).get(network)
+    if start is None:
+        start = f"{prefix}{_network(network)}_"
+    return _fit(start, escape(ident), room)
 
 
 def room_alias(
