@@ -287,10 +287,11 @@ def demo(ctx: click.Context) -> None:
 def _register_stage_commands() -> None:
     from backflow.cli.deadletter import deadletter
     from backflow.cli.pipeline import status, worker
+    from backflow.cli.replay import replay
     from backflow.cli.sink import show_command, sink_command
     from backflow.cli.topics import topics
 
-    for command in (topics, deadletter, worker, status, sink_command, show_command):
+    for command in (topics, deadletter, replay, worker, status, sink_command, show_command):
         cli.add_command(command)
 
 

@@ -119,6 +119,13 @@ class SinkStore:
             value,
         )
 
+    async def rooms(self, network: str | None = None) -> list[asyncpg.Record]:
+        """Every portal room the sink made (of one network), by portal key."""
+        return await self.pool.fetch(
+            "SELECT * FROM sink_rooms WHERE $1::text IS NULL OR network = $1 ORDER BY portal_key",
+            network,
+        )
+
     async def save_room(
         self, portal_key: str, network: str, portal: str, room_id: str, alias: str
     ) -> None:
