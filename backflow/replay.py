@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.structs import OffsetAndTimestamp
 
 from backflow.deadletters import partition_count
 from backflow.replay_plan import DELIVERED, CatchupPlan, part_key, plan_catchup
@@ -316,7 +317,39 @@ async def _seek(
         log.warning("offsets_for_times failed (%s): reading from the beginning", exc)
         await consumer.seek_to_beginning(*partitions)
         return
+    begins = await consumer.beginning_offsets(partitions)
+    doubtful = [tp for tp in partitions if found.get(tp) is None and ends[tp] > begins[tp]]
+    probe = await consumer.offsets_for_times({tp: 0 for tp in doubtful}) if doubtful else {}
+    starts = start_offsets(partitions, found, probe, begins, ends)
+    if any(probe.get(tp) is None for tp in doubtful):
+        log.warning("the broker cannot look offsets up by time: scanning from the start")
+    for tp, offset in starts.items():
+        consumer.seek(tp, offset)
+
+
+def start_offsets(
+    partitions: Sequence[TopicPartition],
+    found: Mapping[TopicPartition, OffsetAndTimestamp | None],
+    probe: Mapping[TopicPartition, OffsetAndTimestamp | None],
+    begins: Mapping[TopicPartition, int],
+    ends: Mapping[TopicPartition, int],
+) -> dict[TopicPartition, int]:
+    """Where to start each partition from offsets_for_times' answers.
+
+    ``found``: the answer for the wanted time. None there means no record at
+    or after it (start at the end), or a broker that cannot look offsets up
+    by time and answers None to everything (librdkafka's mock cluster does).
+    ``probe`` tells which: the answer for time 0 for each non-empty partition
+    ``found`` had None for; every record has a time >= 0, so None again means
+    the broker is blind and the partition is read from its beginning.
+    """
+    out: dict[TopicPartition, int] = {}
     for tp in partitions:
         hit = found.get(tp)
-        # None: no record at or after that time in this partition.
-        consumer.seek(tp, hit.offset if hit is not None else ends[tp])
+        if hit is not None:
+            out[tp] = hit.offset
+        elif ends[tp] > begins[tp] and probe.get(tp) is None:
+            out[tp] = begins[tp]
+        else:
+            out[tp] = ends[tp]
+    return out

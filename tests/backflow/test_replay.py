@@ -15,6 +15,7 @@ import subprocess
 import sys
 from dataclasses import replace
 
+from backflow.replay import Selection, replay_catchup
 from connectors.matrix.runner import run_sink
 from tests.backflow.test_deadletter_cli import room_ids
 from tests.connectors.matrix.test_recovery import sink_env
@@ -124,3 +125,22 @@ async def test_selection_errors(stack: Settings) -> None:
     missing = cli(stack, "--portal", f"{NET}:nowhere")
     assert missing.returncode == 1
     assert "no room in the sink's store" in missing.stdout, missing.stdout
+
+
+async def test_time_lookup_falls_back_to_a_scan_on_a_blind_broker(stack: Settings) -> None:
+    # As if on Apache Kafka (mock_broker off): replay asks offsets_for_times
+    # where to start. The mock answers None to everything; the probe at time 0
+    # tells that apart from "nothing that new" and the partition is scanned.
+    # (Apache Kafka's real answers are covered by test_replay_plan's
+    # start_offsets test: the mock cannot show a seek by time.)
+    kafka_like = stack.with_overrides({"kafka.mock_broker": False})
+    gap = [text(GAP, f"m{i}", "ann", BASE_TS + i * 1000, f"msg {i}") for i in range(1, 5)]
+    await log(stack, stack.catalog.history, gap)
+    await publish(stack, [create(GAP), SendMessage(gap[0], 1)])
+    await sink_once(stack)
+    selection = Selection(portals=(f"{NET}:{GAP}",), since=BASE_TS + 3000)
+    result = await replay_catchup(kafka_like, selection, dry_run=True)
+    [portal] = result.portals
+    assert portal.plan is not None
+    assert [m.id for m in portal.plan.send] == ["m3", "m4"]
+    assert result.read == 4

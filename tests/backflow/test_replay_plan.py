@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from aiokafka import TopicPartition
+from aiokafka.structs import OffsetAndTimestamp
+
+from backflow.replay import start_offsets
 from backflow.replay_plan import DELIVERED, DUPLICATE, QUEUED, plan_catchup
-from pipeline.portal import BEFORE_LAST_BRIDGED, CAP, TARGET_MISSING
+from pipeline.portal import BEFORE_LAST_BRIDGED, CAP, TARGET_MISSING, advance_produced
 from tests.sink_helpers import BASE_TS, message, text
 from topics.records import Content
 from topics.settings import BackfillSettings
@@ -103,3 +107,21 @@ def test_backfill_disabled_sends_only_live_messages() -> None:
     off = BackfillSettings(enabled=False)
     plan = plan_catchup([m1, m2, live], delivered=set(), last_bridged_ts=None, backfill=off)
     assert ids(plan) == ["l1"]
+
+
+def test_replay_commands_are_outside_the_pipelines_numbering() -> None:
+    # The pipeline's read-back of the command log marks the seqs it finds as
+    # produced; a replay command (seq 0) must never stand in for one of its own.
+    assert advance_produced(0, [], [0]) == (0, [])
+    assert advance_produced(3, [5], [0, 0]) == (3, [5])
+
+
+def test_start_offsets_from_offsets_for_times_answers() -> None:
+    a, b, c, d = (TopicPartition("t.history", p) for p in range(4))
+    begins = {a: 0, b: 10, c: 0, d: 0}
+    ends = {a: 50, b: 40, c: 0, d: 30}
+    # Apache Kafka: a has records from offset 17 on at that time; b has none
+    # that new (and answers the probe for time 0); c is empty; d is blind.
+    found = {a: OffsetAndTimestamp(17, 1_700_000_000_000), b: None, c: None, d: None}
+    probe = {b: OffsetAndTimestamp(10, 1_600_000_000_000), d: None}
+    assert start_offsets([a, b, c, d], found, probe, begins, ends) == {a: 17, b: 40, c: 0, d: 0}
