@@ -100,10 +100,11 @@ async def replay_catchup(
         raise ReplayError(str(exc)) from None
     result = ReplayResult()
     try:
-        portals = await _select(store, selection, result)
+        portals = await select(store, selection, result)
         if portals:
             await _read_history(settings, store, selection, portals, result)
-            await _look_up(store, portals)
+            for p in portals.values():
+                p.delivered = await look_up(store, p.room_id, p.key, p.candidates)
     finally:
         await store.close()
     if portals:
@@ -125,7 +126,7 @@ async def replay_catchup(
     return result
 
 
-async def _select(
+async def select(
     store: SinkStore, selection: Selection, result: ReplayResult
 ) -> dict[str, PortalReplay]:
     rows = []
@@ -205,17 +206,18 @@ def _scan_from(selection: Selection, portals: dict[str, PortalReplay]) -> int | 
     return min(starts) if starts else None
 
 
-async def _look_up(store: SinkStore, portals: dict[str, PortalReplay]) -> None:
-    """Which candidates, and which of their dependents' targets, the map has."""
-    for p in portals.values():
-        keys = {part_key(m) for m in p.candidates}
-        keys |= {(m.content.target, 0) for m in p.candidates if m.content.target}
-        wanted = sorted(keys)
-        delivered: set[tuple[str, int]] = set()
-        for i in range(0, len(wanted), LOOKUP_CHUNK):
-            found = await store.lookup(p.room_id, p.key, wanted[i : i + LOOKUP_CHUNK])
-            delivered |= set(found)
-        p.delivered = delivered
+async def look_up(
+    store: SinkStore, room_id: str, key: str, messages: Sequence[NetworkMessage]
+) -> set[tuple[str, int]]:
+    """Which of these messages, and of their dependents' targets, the map has in the room."""
+    keys = {part_key(m) for m in messages}
+    keys |= {(m.content.target, 0) for m in messages if m.content.target}
+    wanted = sorted(keys)
+    delivered: set[tuple[str, int]] = set()
+    for i in range(0, len(wanted), LOOKUP_CHUNK):
+        found = await store.lookup(room_id, key, wanted[i : i + LOOKUP_CHUNK])
+        delivered |= set(found)
+    return delivered
 
 
 async def _queued(

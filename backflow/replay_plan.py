@@ -77,18 +77,7 @@ def plan_catchup(
         elif last_bridged_ts is not None and msg.ts < last_bridged_ts:
             plan.skipped[BEFORE_LAST_BRIDGED] += 1
         else:
-            c = msg.content
-            candidates.append(
-                Held(
-                    id=msg.id,
-                    part=msg.part,
-                    ts=msg.ts,
-                    ord=len(by_ord),
-                    live=not msg.history,
-                    kind=c.kind,
-                    target=c.target,
-                )
-            )
+            candidates.append(_held(msg, len(by_ord)))
             by_ord.append(msg)
     cap = effective_cap(
         catch_up=last_bridged_ts is not None,
@@ -101,3 +90,63 @@ def plan_catchup(
     plan.send = [by_ord[h.ord] for h in released.release]
     plan.skipped.update(released.reasons())
     return plan
+
+
+def plan_rebuild(
+    messages: Iterable[NetworkMessage],
+    *,
+    delivered: Collection[tuple[str, int]] = (),
+    last_bridged_ts: int | None = None,
+    backfill: BackfillSettings,
+    queued: Collection[tuple[str, int]] = (),
+) -> CatchupPlan:
+    """The messages a rebuild sends into the portal's fresh room.
+
+    The whole history, capped as for a new room (``max_initial_messages``
+    newest history messages; live ones never capped), in the pipeline's
+    order. The cap is taken over the whole log first and only then is what
+    the new room already has (``delivered``, ``last_bridged_ts``: of the NEW
+    room) or what is on its way (``queued``) taken out, so a resumed rebuild
+    continues the very selection it started with.
+    """
+    plan = CatchupPlan()
+    seen: set[tuple[str, int]] = set()
+    held: list[Held] = []
+    by_ord: list[NetworkMessage] = []
+    for msg in messages:
+        key = part_key(msg)
+        if key in seen:
+            plan.skipped[DUPLICATE] += 1
+            continue
+        seen.add(key)
+        held.append(_held(msg, len(by_ord)))
+        by_ord.append(msg)
+    released = plan_release(
+        held, cap=backfill.max_initial_messages, backfill_enabled=backfill.enabled
+    )
+    plan.skipped.update(released.reasons())
+    for h in released.release:
+        msg = by_ord[h.ord]
+        key = part_key(msg)
+        if key in delivered:
+            plan.skipped[DELIVERED] += 1
+        elif key in queued:
+            plan.skipped[QUEUED] += 1
+        elif last_bridged_ts is not None and msg.ts < last_bridged_ts:
+            plan.skipped[BEFORE_LAST_BRIDGED] += 1
+        else:
+            plan.send.append(msg)
+    return plan
+
+
+def _held(msg: NetworkMessage, ord_: int) -> Held:
+    c = msg.content
+    return Held(
+        id=msg.id,
+        part=msg.part,
+        ts=msg.ts,
+        ord=ord_,
+        live=not msg.history,
+        kind=c.kind,
+        target=c.target,
+    )

@@ -210,6 +210,13 @@ class CreateRoom(PortalMeta):
 
     TYPE: ClassVar[str] = "create_room"
 
+    # ``backflow replay --mode rebuild`` (never the pipeline): ``rebuild`` names
+    # a rebuild that gives the portal a fresh room, which the sends after it
+    # fill; a later ``finish_rebuild`` with the same name tombstones the old
+    # room towards the new one and moves the portal's alias there.
+    rebuild: str | None = None
+    finish_rebuild: str | None = None
+
 
 @dataclass(slots=True)
 class SendMessage:

@@ -44,6 +44,8 @@ MAX_PART = 2**31 - 1
 NUL_IN_ID = "contains U+0000, which an identifier may not (Postgres text cannot store it)"
 NUL_IN_NAME = "contains U+0000, which a name may not (Postgres text cannot store it)"
 
+# Names of rebuilds (CreateRoom.rebuild): they end up in a room alias.
+REBUILD_RE = re.compile(r"^[a-z0-9]{1,32}$")
 NETWORK_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 # Schemes the sink knows; anything else (file://, gopher://, a bare path) is
 # refused where the line number is still known, not later by the sink.
@@ -335,7 +337,13 @@ def _room_created(o: _Obj) -> RoomCreated:
 
 
 def _create_room(o: _Obj) -> CreateRoom:
-    return CreateRoom(**_portal_meta(o))
+    names = {}
+    for field_name in ("rebuild", "finish_rebuild"):
+        value = o.id(field_name, required=False)
+        if value is not None and not REBUILD_RE.match(value):
+            raise RecordError(o._name(field_name), "a rebuild name is 1-32 of a-z and 0-9")
+        names[field_name] = value
+    return CreateRoom(**_portal_meta(o), **names)
 
 
 def _send(o: _Obj) -> SendMessage:

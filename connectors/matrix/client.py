@@ -222,6 +222,32 @@ class MatrixClient(Calls):
         await self._api.state_store.joined(room_id, self.bot)
         return room_id, not existing
 
+    async def set_state(
+        self, room_id: str, event_type: str, content: dict[str, Any], state_key: str = ""
+    ) -> str:
+        """Set a room state event as the bot (a PUT: the same call again changes nothing)."""
+        bot = self.intent()
+        kind = EventType.find(event_type, t_class=EventType.Class.STATE)
+        eid = await self.call(
+            f"set {event_type}",
+            lambda: bot.send_state_event(
+                room_id, kind, content, state_key=state_key, ensure_joined=False
+            ),
+        )
+        return str(eid)
+
+    async def put_alias(self, alias_localpart: str, room_id: str) -> None:
+        """Point the alias at ``room_id``, taking it from any room it pointed at before."""
+        bot = self.intent()
+        await self.call(
+            "put alias", lambda: bot.add_room_alias(room_id, alias_localpart, override=True)
+        )
+
+    async def delete_alias(self, alias_localpart: str) -> None:
+        """Remove the alias; one that does not exist is fine."""
+        bot = self.intent()
+        await self.call("delete alias", lambda: bot.remove_room_alias(alias_localpart))
+
     async def invite(self, room_id: str, user_id: str) -> None:
         bot = self.intent()
         await self.call("invite", lambda: bot.invite_user(room_id, user_id, ensure_joined=False))

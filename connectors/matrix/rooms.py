@@ -1,4 +1,13 @@
-"""Portal rooms: find or create the room, keep ghosts joined, announce RoomCreated."""
+"""Portal rooms: find or create the room, keep ghosts joined, announce RoomCreated.
+
+A rebuild (``CreateRoom.rebuild``, from ``backflow replay --mode rebuild``)
+gives a portal a fresh room: it is created under a temporary alias (the
+idempotency key, as the portal alias is for a first room) and becomes the
+portal's room, so the sends after the command fill it. ``finish_rebuild``
+then sends ``m.room.tombstone`` into the old room, moves the portal's alias
+to the new one and drops the temporary alias. Every step is idempotent, so a
+rebuild interrupted anywhere resumes when its commands are applied again.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +27,12 @@ from topics import bus
 from topics.records import CreateRoom, RoomCreated
 
 log = logging.getLogger("backflow.sink")
+
+TOMBSTONE_BODY = "This room has been rebuilt: its history continues in a new room."
+
+
+class RebuildRefused(Exception):
+    """A rebuild command the sink cannot apply (dead-lettered: it is permanent)."""
 
 
 class Rooms:
@@ -78,8 +93,23 @@ class Rooms:
             portal.room.last_event = await self.store.newest_event(room_id)
         return portal.room
 
+    async def _avatar(self, cmd: CreateRoom) -> str | None:
+        if not cmd.avatar_url:
+            return None
+        try:
+            return await media_uri(self.client, cmd.avatar_url)
+        except (MediaError, MatrixRequestError) as exc:
+            log.warning("room avatar for %s not set: %s", cmd.key, exc)
+            return None
+
     async def create(self, portal: PortalQueue, cmd: CreateRoom) -> None:
         """Find or create the room (the alias is the idempotency key), join members."""
+        if cmd.finish_rebuild is not None:
+            await self.finish_rebuild(portal, cmd, cmd.finish_rebuild)
+            return
+        if cmd.rebuild is not None:
+            await self.start_rebuild(portal, cmd, cmd.rebuild)
+            return
         key = cmd.key
         ghosts = [
             await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
@@ -91,12 +121,7 @@ class Rooms:
         alias = f"#{local}:{self.server}"
         room_id = await self.store.room(key)
         if room_id is None:
-            avatar = None
-            if cmd.avatar_url:
-                try:
-                    avatar = await media_uri(self.client, cmd.avatar_url)
-                except (MediaError, MatrixRequestError) as exc:
-                    log.warning("room avatar for %s not set: %s", key, exc)
+            avatar = await self._avatar(cmd)
             room_id, created = await self.client.create_room(
                 local, name=cmd.name, topic=cmd.topic, invite=ghosts, avatar_mxc=avatar
             )
@@ -127,3 +152,64 @@ class Rooms:
         )
         future = await bus.send(self.producer, self.portal_events, event)
         await future
+
+    # ------------------------------------------------------------ rebuilds
+
+    def _rebuild_alias(self, cmd: CreateRoom, name: str) -> str:
+        """The new room's temporary alias localpart while its history goes in."""
+        return alias_localpart(
+            self.alias_prefix, cmd.network, f"{cmd.portal}/rebuild-{name}", self.server
+        )
+
+    async def start_rebuild(self, portal: PortalQueue, cmd: CreateRoom, name: str) -> None:
+        """Give the portal a fresh room (or find the one this rebuild made before)."""
+        key = cmd.key
+        ghosts = [
+            await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
+            for m in cmd.members
+        ]
+        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        alias = f"#{local}:{self.server}"
+        row = await self.store.rebuild(key, name)
+        if row is not None and row["new_room"] is not None:
+            room_id = row["new_room"]  # applied before (redelivered, or resumed)
+        else:
+            old = row["old_room"] if row is not None else await self.store.room(key)
+            if old is None:
+                raise RebuildRefused(f"portal {key} has no room to rebuild")
+            await self.store.start_rebuild(key, name, old)
+            room_id, created = await self.client.create_room(
+                self._rebuild_alias(cmd, name),
+                name=cmd.name,
+                topic=cmd.topic,
+                invite=ghosts,
+                avatar_mxc=await self._avatar(cmd),
+            )
+            await self.store.rebuilt(key, name, cmd.network, cmd.portal, room_id, alias)
+            self.stats.rooms_created += int(created)
+            log.info("portal %s: rebuild %s into room %s (was %s)", key, name, room_id, old)
+        room = portal.room = RoomState(room_id, alias)
+        room.last_event = await self.store.newest_event(room_id)
+        for ghost in ghosts:
+            await self.ensure_member(room, ghost)
+        await settle_startup(self.client, self.store, self.stats, key, room)
+
+    async def finish_rebuild(self, portal: PortalQueue, cmd: CreateRoom, name: str) -> None:
+        """Tombstone the old room towards the new one, move the portal's alias there."""
+        key = cmd.key
+        row = await self.store.rebuild(key, name)
+        if row is None or row["new_room"] is None:
+            raise RebuildRefused(f"rebuild {name} of portal {key} was never started")
+        if row["finished_at"] is not None:
+            return
+        old, new = row["old_room"], row["new_room"]
+        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        alias = f"#{local}:{self.server}"
+        await self.client.set_state(
+            old, "m.room.tombstone", {"body": TOMBSTONE_BODY, "replacement_room": new}
+        )
+        await self.client.put_alias(local, new)
+        await self.client.set_state(new, "m.room.canonical_alias", {"alias": alias})
+        await self.client.delete_alias(self._rebuild_alias(cmd, name))
+        await self.store.finish_rebuild(key, name)
+        log.info("portal %s: rebuild %s finished: %s replaces %s", key, name, new, old)

@@ -5,6 +5,9 @@
 * ``sink_messages``: (room, portal, message id, part) -> event id, ts. UNIQUE,
   so a repeated command can never be recorded twice. Keyed by room too: a
   portal rebuilt into a new room gets its messages again there.
+* ``sink_rebuilds``: a portal rebuilt into a fresh room (``backflow replay
+  --mode rebuild``): its old room, its new one, whether it finished
+  (tombstone sent, alias moved). With sink_messages, the map knows both rooms.
 * ``sink_intents``: written BEFORE a send, deleted in the same transaction
   that records the result. A row still here after a crash marks a send that
   may or may not have reached the homeserver: it is settled by looking for
@@ -45,6 +48,15 @@ CREATE TABLE IF NOT EXISTS sink_messages (
     PRIMARY KEY (room_id, portal_key, message_id, part)
 );
 CREATE INDEX IF NOT EXISTS sink_messages_room_seq ON sink_messages (room_id, seq);
+CREATE TABLE IF NOT EXISTS sink_rebuilds (
+    portal_key  text NOT NULL,
+    name        text NOT NULL,
+    old_room    text NOT NULL,
+    new_room    text,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    PRIMARY KEY (portal_key, name)
+);
 CREATE TABLE IF NOT EXISTS sink_intents (
     room_id     text NOT NULL,
     portal_key  text NOT NULL,
@@ -145,6 +157,59 @@ class SinkStore:
             "SELECT max(ts) FROM sink_messages WHERE room_id = $1 AND portal_key = $2",
             room_id,
             portal_key,
+        )
+
+    # ------------------------------------------------------------ rebuilds
+
+    async def rebuild(self, portal_key: str, name: str) -> asyncpg.Record | None:
+        return await self.pool.fetchrow(
+            "SELECT * FROM sink_rebuilds WHERE portal_key = $1 AND name = $2", portal_key, name
+        )
+
+    async def rebuilds(self, portal_key: str) -> list[asyncpg.Record]:
+        """The portal's rebuilds, oldest first (the rooms it had before its current one)."""
+        return await self.pool.fetch(
+            "SELECT * FROM sink_rebuilds WHERE portal_key = $1 ORDER BY started_at, name",
+            portal_key,
+        )
+
+    async def start_rebuild(self, portal_key: str, name: str, old_room: str) -> None:
+        await self.pool.execute(
+            """INSERT INTO sink_rebuilds (portal_key, name, old_room) VALUES ($1, $2, $3)
+               ON CONFLICT DO NOTHING""",
+            portal_key,
+            name,
+            old_room,
+        )
+
+    async def rebuilt(
+        self, portal_key: str, name: str, network: str, portal: str, room_id: str, alias: str
+    ) -> None:
+        """The rebuild's new room exists: it becomes the portal's room, atomically."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE sink_rebuilds SET new_room = $3 WHERE portal_key = $1 AND name = $2",
+                portal_key,
+                name,
+                room_id,
+            )
+            await conn.execute(
+                """INSERT INTO sink_rooms (portal_key, network, portal, room_id, alias)
+                   VALUES ($1, $2, $3, $4, $5)
+                   ON CONFLICT (portal_key) DO UPDATE SET room_id = $4, alias = $5""",
+                portal_key,
+                network,
+                portal,
+                room_id,
+                alias,
+            )
+
+    async def finish_rebuild(self, portal_key: str, name: str) -> None:
+        await self.pool.execute(
+            """UPDATE sink_rebuilds SET finished_at = now()
+               WHERE portal_key = $1 AND name = $2 AND finished_at IS NULL""",
+            portal_key,
+            name,
         )
 
     # ------------------------------------------------------------ ghosts

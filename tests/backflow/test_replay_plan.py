@@ -8,7 +8,7 @@ from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
 from backflow.replay import start_offsets
-from backflow.replay_plan import DELIVERED, DUPLICATE, QUEUED, plan_catchup
+from backflow.replay_plan import DELIVERED, DUPLICATE, QUEUED, plan_catchup, plan_rebuild
 from pipeline.portal import BEFORE_LAST_BRIDGED, CAP, TARGET_MISSING, advance_produced
 from tests.sink_helpers import BASE_TS, message, text
 from topics.records import Content
@@ -125,3 +125,32 @@ def test_start_offsets_from_offsets_for_times_answers() -> None:
     found = {a: OffsetAndTimestamp(17, 1_700_000_000_000), b: None, c: None, d: None}
     probe = {b: OffsetAndTimestamp(10, 1_600_000_000_000), d: None}
     assert start_offsets([a, b, c, d], found, probe, begins, ends) == {a: 17, b: 40, c: 0, d: 0}
+
+
+def test_rebuild_takes_the_full_history_capped_as_a_new_room() -> None:
+    log = history(6)
+    plan = plan_rebuild([*log, log[2]], backfill=DEFAULTS)
+    assert ids(plan) == ["m1", "m2", "m3", "m4", "m5", "m6"]
+    assert plan.skipped == {DUPLICATE: 1}
+    capped = BackfillSettings(max_initial_messages=4, max_catchup_messages=1)
+    assert ids(plan_rebuild(log, backfill=capped)) == ["m3", "m4", "m5", "m6"]
+
+
+def test_a_resumed_rebuild_continues_the_same_selection() -> None:
+    log = history(10)
+    capped = BackfillSettings(max_initial_messages=5)
+    # Interrupted after m6 and m7 reached the new room, m8 on its way: the cap
+    # is still over the whole history (not over what is left), so m1..m5 stay out.
+    plan = plan_rebuild(
+        log,
+        delivered={("m6", 0), ("m7", 0)},
+        last_bridged_ts=log[6].ts,
+        queued={("m8", 0)},
+        backfill=capped,
+    )
+    assert ids(plan) == ["m9", "m10"]
+    assert plan.skipped == {CAP: 5, DELIVERED: 2, QUEUED: 1}
+    done = plan_rebuild(
+        log, delivered={(m.id, 0) for m in log[5:]}, last_bridged_ts=log[9].ts, backfill=capped
+    )
+    assert done.send == []
