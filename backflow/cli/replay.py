@@ -16,6 +16,7 @@ import click
 
 from backflow.cli.terminal import printable
 from backflow.deadletters import DeadLetterError, parse_when
+from backflow.rebuild import PortalRebuild, replay_rebuild
 from backflow.replay import PortalReplay, ReplayError, Selection, replay_catchup
 from topics.settings import Settings
 
@@ -55,11 +56,12 @@ def _time(option: str, text: str | None) -> int | None:
 @click.option("--all", "everything", is_flag=True, help="Every portal that has a room.")
 @click.option(
     "--mode",
-    type=click.Choice(["catchup"]),
+    type=click.Choice(["catchup", "rebuild"]),
     default="catchup",
     show_default=True,
     help="catchup: send into the existing room what it never got and is newer than its "
-    "last bridged message.",
+    "last bridged message. rebuild: a fresh room with the full history, the old one "
+    "tombstoned towards it (an unfinished rebuild is resumed).",
 )
 @click.option(
     "--since", help="Only messages at or after this network time: 2024-05-01[T12:00], 3h."
@@ -90,7 +92,10 @@ def replay(
         until=_time("--until", until),
     )
     settings: Settings = ctx.find_root().obj["settings"]
-    result = _run(replay_catchup(settings, selection, dry_run=dry_run))
+    if mode == "rebuild":
+        result = _run(replay_rebuild(settings, selection, dry_run=dry_run))
+    else:
+        result = _run(replay_catchup(settings, selection, dry_run=dry_run))
     for value in result.missing:
         click.echo(
             f"{printable(value)}: no room in the sink's store (the pipeline creates and "
@@ -110,14 +115,24 @@ def replay(
         ctx.exit(1)
 
 
-def _show(p: PortalReplay, dry_run: bool) -> None:
+def _show(p: PortalReplay | PortalRebuild, dry_run: bool) -> None:
     assert p.plan is not None
     sends = p.plan.send
     verb = "would send" if dry_run else "sending"
-    click.echo(
-        f"{printable(p.key)}  room {printable(p.room_id)}  last bridged "
-        f"{_when(p.last_bridged_ts)}: {verb} {len(sends)}"
-    )
+    if isinstance(p, PortalRebuild):
+        how = "resuming" if p.resumed else "starting"
+        new = printable(p.new_room) if p.new_room else "not created yet"
+        click.echo(
+            f"{printable(p.key)}  {how} rebuild {p.name}: old room {printable(p.old_room)}, "
+            f"new room {new}: {verb} {len(sends)}"
+        )
+        for step in p.steps:
+            click.echo(f"    {'would ' if dry_run else ''}{step}")
+    else:
+        click.echo(
+            f"{printable(p.key)}  room {printable(p.room_id)}  last bridged "
+            f"{_when(p.last_bridged_ts)}: {verb} {len(sends)}"
+        )
     for m in sends[:SHOWN]:
         part = f" part {m.part}" if m.part else ""
         click.echo(

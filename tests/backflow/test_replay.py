@@ -29,9 +29,12 @@ from topics.settings import Settings
 GAP, FULL = "rp-gap", "rp-full"
 
 
-def cli(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+def cli(
+    settings: Settings, *args: str, extra: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     env = sink_env(settings)
     env["BACKFLOW_KAFKA_MOCK_BROKER"] = str(settings.kafka.mock_broker).lower()
+    env.update(extra or {})
     return subprocess.run(
         [sys.executable, "-m", "backflow.cli", "replay", *args],
         env=env,
