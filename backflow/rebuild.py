@@ -20,6 +20,7 @@ message map) nor already in the command log after its start.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from backflow.replay import (
@@ -218,14 +219,14 @@ def _create(p: PortalRebuild, **step: str) -> CreateRoom:
     )
 
 
-async def _publish(settings: Settings, portals: object) -> None:
+async def _publish(settings: Settings, portals: Iterable[PortalRebuild]) -> None:
     producer = bus.producer(settings)
     await bus.start(producer, settings)
     topic = settings.catalog.matrix_commands
     try:
-        for p in portals:  # type: ignore[attr-defined]
+        for p in portals:
             assert p.plan is not None
-            records: list = []
+            records: list[CreateRoom | SendMessage] = []
             if p.need_start:
                 records.append(_create(p, rebuild=p.name))
             records += [SendMessage(message=m, seq=0) for m in p.plan.send]

@@ -11,6 +11,9 @@ txn ids) does the sending, and seq 0 lies outside the pipeline's per-portal
 numbering (1, 2, 3 ...), so the pipeline's read-back of the command log
 never takes a replay command for one of its own.
 
+The selection, the log reader and the map lookups here are shared with
+``--mode rebuild`` (backflow/rebuild.py).
+
 Memory: only messages that could still be sent are kept (not delivered, not
 older than the room's last bridged message, inside --since/--until), at most
 ``MAX_CANDIDATES`` per run; the log is read one fetch at a time.
