@@ -17,7 +17,9 @@ from connectors.matrix.ghosts import alias_localpart, room_alias
 from connectors.matrix.registration import load_registration
 from connectors.matrix.store import SinkStore
 from tests.backflow.test_replay import cli, commands, log, sink_once
+from tests.helpers import read_raw
 from tests.sink_helpers import BASE_TS, NET, client_for, create, message, publish, text
+from topics.codec import decode
 from topics.records import Content, CreateRoom, Member, PortalInfo, SendMessage
 from topics.settings import Settings
 
@@ -133,3 +135,41 @@ async def test_fresh_rebuild_is_capped_like_a_new_room(stack: Settings) -> None:
     names = [e["content"].get("name") for e in events if e["type"] == "m.room.name"]
     assert names == [f"Chat {FRESH}"]  # from the portal record in the log
     assert any(e["type"] == "m.room.tombstone" for e in await timeline(stack, old))
+
+
+async def test_sink_side_of_a_rebuild_is_idempotent(stack: Settings) -> None:
+    portal = "rb-crash"
+    key = f"{NET}:{portal}"
+    first = text(portal, "c1", "ann", BASE_TS, "only")
+    await publish(stack, [create(portal), SendMessage(first, 1)])
+    await sink_once(stack)
+    old = await current_room(stack, portal)
+    start = CreateRoom(network=NET, portal=portal, rebuild="bbb222")
+    await publish(stack, [start, SendMessage(first, 0)])
+    await sink_once(stack)
+    new = await current_room(stack, portal)
+    assert new != old
+    # The sink died after creating the room, before recording it: the start
+    # comes again and finds the room by its temporary alias (no third room).
+    db = await asyncpg.connect(stack.database.url)
+    try:
+        await db.execute("UPDATE sink_rebuilds SET new_room = NULL")
+        await db.execute("UPDATE sink_rooms SET room_id = $1 WHERE portal_key = $2", old, key)
+        finish = CreateRoom(network=NET, portal=portal, finish_rebuild="bbb222")
+        await publish(stack, [start, SendMessage(first, 0), finish, finish])
+        await sink_once(stack)
+        assert await current_room(stack, portal) == new
+        assert await db.fetchval("SELECT new_room FROM sink_rebuilds") == new
+        assert await db.fetchval("SELECT count(*) FROM sink_rooms") == 1
+    finally:
+        await db.close()
+    assert source_ids(await timeline(stack, new)) == ["c1"]
+    tombstones = [e for e in await timeline(stack, old) if e["type"] == "m.room.tombstone"]
+    assert [t["content"]["replacement_room"] for t in tombstones] == [new]
+    # A finish for a rebuild that never started is refused (a dead letter).
+    await publish(stack, [CreateRoom(network=NET, portal=portal, finish_rebuild="ccc333")])
+    await sink_once(stack)
+    letters = [decode(v) for _, v in await read_raw(stack, stack.catalog.dead_letters)]
+    assert [d.reason for d in letters] == [
+        f"RebuildRefused: rebuild ccc333 of portal {key} was never started"
+    ]
