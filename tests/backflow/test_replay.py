@@ -1,8 +1,11 @@
 """`backflow replay --mode catchup` on the real stack, rooms read back from Synapse.
 
 The log has a portal's whole history, but only part of it reached the sink
-as commands (the pipeline's hold store was lost, say): no pipeline runs at
-all here, replay works from the log alone. It sends exactly what the room
+as commands. In production such a gap is commands that expired from
+matrix-commands (7 days) while the sink was down, or a hold store lost; the
+mock broker has no retention, so the test publishes only part of the
+commands. No pipeline runs here: replay works from the log alone
+(test_replay_pipeline.py runs it beside a real worker). It sends exactly what the room
 never got and is newer than its last bridged message; a second run, before
 or after the sink applied the first, sends nothing; --dry-run publishes
 nothing; --since/--until and --network/--all select.
