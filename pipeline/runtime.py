@@ -167,16 +167,18 @@ class Runtime:
             for rec in batch.get(tp, ()):
                 position = rec.offset + 1
                 try:
-                    cmd = orjson.loads(rec.value)
-                    if cmd["type"] == "create_room":
-                        rooms.append(f"{cmd['network']}:{cmd['portal']}")
-                    elif cmd["type"] == "send":
-                        m = cmd["message"]
-                        key = f"{m['network']}:{m['portal']}"
-                        sends.setdefault(key, []).append(int(cmd["seq"]))
-                        found += 1
+                    own = read_back(orjson.loads(rec.value))
                 except (ValueError, KeyError, TypeError):
                     log.warning("unreadable command at %s@%s", tp, rec.offset)
+                    continue
+                if own is None:
+                    continue
+                key, seq = own
+                if seq is None:
+                    rooms.append(key)
+                else:
+                    sends.setdefault(key, []).append(seq)
+                    found += 1
             if found >= 20_000:
                 await self.outbox.mark_produced(rooms, sends, {partition: position})
                 rooms, sends, found = [], {}, 0
@@ -398,6 +400,27 @@ class Runtime:
                 log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
+
+
+def read_back(cmd: dict[str, Any]) -> tuple[str, int | None] | None:
+    """A command found in the log, if it is one the pipeline produces: (portal key, seq).
+
+    seq None: the portal's create_room. Commands `backflow replay` publishes
+    are not the pipeline's (None): sends with seq 0, outside its numbering
+    1, 2, 3 ..., and create_room for a rebuild. Taking one for the pipeline's
+    own would mark a command produced that never was.
+    """
+    if cmd["type"] == "create_room":
+        if cmd.get("rebuild") is not None or cmd.get("finish_rebuild") is not None:
+            return None
+        return f"{cmd['network']}:{cmd['portal']}", None
+    if cmd["type"] == "send":
+        seq = int(cmd["seq"])
+        if seq <= 0:
+            return None
+        m = cmd["message"]
+        return f"{m['network']}:{m['portal']}", seq
+    return None
 
 
 def _ignore_result(future: asyncio.Future) -> None:

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import orjson
 from aiokafka import TopicPartition
 from aiokafka.structs import OffsetAndTimestamp
 
 from backflow.replay import start_offsets
 from backflow.replay_plan import DELIVERED, DUPLICATE, QUEUED, plan_catchup, plan_rebuild
 from pipeline.portal import BEFORE_LAST_BRIDGED, CAP, TARGET_MISSING, advance_produced
+from pipeline.runtime import read_back
 from tests.sink_helpers import BASE_TS, message, text
-from topics.records import Content
+from topics.codec import encode
+from topics.records import Content, CreateRoom, SendMessage
 from topics.settings import BackfillSettings
 
 P = "room"
@@ -114,6 +117,15 @@ def test_replay_commands_are_outside_the_pipelines_numbering() -> None:
     # produced; a replay command (seq 0) must never stand in for one of its own.
     assert advance_produced(0, [], [0]) == (0, [])
     assert advance_produced(3, [5], [0, 0]) == (3, [5])
+    m = text(P, "m1", "ann", BASE_TS, "x")
+    assert read_back(orjson.loads(encode(SendMessage(m, 0)))) is None
+    assert read_back(orjson.loads(encode(SendMessage(m, 7)))) == (m.key, 7)
+    # A rebuild's create_room is not the portal's own: were it taken for it, a
+    # portal still waiting for its room would never get its CreateRoom out.
+    create = CreateRoom(network=m.network, portal=P)
+    assert read_back(orjson.loads(encode(create))) == (m.key, None)
+    for step in ({"rebuild": "abc"}, {"finish_rebuild": "abc"}):
+        assert read_back(orjson.loads(encode(replace(create, **step)))) is None
 
 
 def test_start_offsets_from_offsets_for_times_answers() -> None:
