@@ -35,7 +35,7 @@ from connectors.matrix.store import SinkStore, StoreUnreachable
 from pipeline.portal import BEFORE_LAST_BRIDGED
 from topics import bus
 from topics.codec import RecordError, decode, encode
-from topics.records import NetworkMessage, SendMessage
+from topics.records import CreateRoom, NetworkMessage, SendMessage
 from topics.settings import Settings
 
 log = logging.getLogger("backflow.replay")
@@ -242,6 +242,9 @@ async def _queued(
             k = part_key(command.message)
             if k in wanted[command.key]:
                 out.setdefault(command.key, set()).add(k)
+        elif isinstance(command, CreateRoom) and command.rebuild is not None:
+            # Sends before a rebuild's start went to the room it replaced.
+            out.pop(command.key, None)
     return out
 
 

@@ -173,3 +173,21 @@ async def test_sink_side_of_a_rebuild_is_idempotent(stack: Settings) -> None:
     assert [d.reason for d in letters] == [
         f"RebuildRefused: rebuild ccc333 of portal {key} was never started"
     ]
+
+
+async def test_catchup_after_a_rebuild_start_counts_only_sends_after_it(stack: Settings) -> None:
+    stack.state_dir.mkdir(parents=True, exist_ok=True)
+    portal = "rb-then-catchup"
+    m1, m2 = (text(portal, f"k{i}", "ann", BASE_TS + i * 1000, f"k {i}") for i in (1, 2))
+    await log(stack, stack.catalog.history, [m1, m2])
+    await publish(stack, [create(portal), SendMessage(m1, 1), SendMessage(m2, 2)])
+    start = CreateRoom(network=NET, portal=portal, rebuild="ddd444")
+    await publish(stack, [start, SendMessage(m1, 0)])  # a rebuild cut short
+    await sink_once(stack)
+    new = await current_room(stack, portal)
+    assert source_ids(await timeline(stack, new)) == ["k1"]
+    # k2's send in the log went to the old room: not "queued" for the new one.
+    done = cli(stack, "--portal", f"{NET}:{portal}")
+    assert "published 1 message(s)" in done.stdout, done.stdout
+    await sink_once(stack)
+    assert source_ids(await timeline(stack, new)) == ["k1", "k2"]
