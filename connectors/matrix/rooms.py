@@ -158,7 +158,11 @@ class Rooms:
     def _rebuild_alias(self, cmd: CreateRoom, name: str) -> str:
         """The new room's temporary alias localpart while its history goes in."""
         return alias_localpart(
-            self.alias_prefix, cmd.network, f"{cmd.portal}/rebuild-{name}", self.server
+            self.alias_prefix,
+            cmd.network,
+            f"{cmd.portal}/rebuild-{name}",
+            self.server,
+            self.alias_templates,
         )
 
     async def start_rebuild(self, portal: PortalQueue, cmd: CreateRoom, name: str) -> None:
@@ -168,7 +172,9 @@ class Rooms:
             await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
             for m in cmd.members
         ]
-        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        local = alias_localpart(
+            self.alias_prefix, cmd.network, cmd.portal, self.server, self.alias_templates
+        )
         alias = f"#{local}:{self.server}"
         row = await self.store.rebuild(key, name)
         if row is not None and row["new_room"] is not None:
@@ -203,7 +209,9 @@ class Rooms:
         if row["finished_at"] is not None:
             return
         old, new = row["old_room"], row["new_room"]
-        local = alias_localpart(self.alias_prefix, cmd.network, cmd.portal, self.server)
+        local = alias_localpart(
+            self.alias_prefix, cmd.network, cmd.portal, self.server, self.alias_templates
+        )
         alias = f"#{local}:{self.server}"
         await self.client.set_state(
             old, "m.room.tombstone", {"body": TOMBSTONE_BODY, "replacement_room": new}

@@ -116,25 +116,36 @@ async def test_rebuild_resumes_and_tombstones(stack: Settings) -> None:
 
 
 async def test_fresh_rebuild_is_capped_like_a_new_room(stack: Settings) -> None:
-    stack.state_dir.mkdir(parents=True, exist_ok=True)
+    # With an alias naming template (sink.alias_templates), as a bridge's own rooms.
+    reg = load_registration(stack.appservice.registration)
+    server = stack.homeserver.server_name
+    assert server is not None
+    templates = {NET: f"{reg.alias_prefix}tpl_"}
+    tpl = stack.with_overrides({"sink.alias_templates": f"{NET}={reg.alias_prefix}tpl_{{id}}"})
+    tpl.state_dir.mkdir(parents=True, exist_ok=True)
     msgs = [text(FRESH, f"f{i}", "ann", BASE_TS + i * 1000, f"f {i}") for i in range(1, 6)]
-    await log(stack, stack.catalog.history, [info(FRESH), *msgs])
-    await publish(stack, [create(FRESH), SendMessage(msgs[0], 1)])
-    await sink_once(stack)
-    old = await current_room(stack, FRESH)
+    await log(tpl, tpl.catalog.history, [info(FRESH), *msgs])
+    await publish(tpl, [create(FRESH), SendMessage(msgs[0], 1)])
+    await sink_once(tpl)
+    old = await current_room(tpl, FRESH)
+    alias = room_alias(reg.alias_prefix, NET, FRESH, server, templates)
+    async with client_for(tpl) as client:
+        assert await client.resolve_alias(alias) == old
     capped = {"BACKFLOW_BACKFILL_MAX_INITIAL_MESSAGES": "3"}
-    done = cli(stack, "--portal", f"{NET}:{FRESH}", "--mode", "rebuild", extra=capped)
+    done = cli(tpl, "--portal", f"{NET}:{FRESH}", "--mode", "rebuild", extra=capped)
     assert done.returncode == 0, done.stderr
     assert "starting rebuild " in done.stdout and "new room not created yet" in done.stdout
     assert "published 3 message(s)" in done.stdout, done.stdout
-    await sink_once(stack)
-    new = await current_room(stack, FRESH)
+    await sink_once(tpl)
+    new = await current_room(tpl, FRESH)
     assert new != old
-    events = await timeline(stack, new)
+    events = await timeline(tpl, new)
     assert source_ids(events) == ["f3", "f4", "f5"]
     names = [e["content"].get("name") for e in events if e["type"] == "m.room.name"]
     assert names == [f"Chat {FRESH}"]  # from the portal record in the log
-    assert any(e["type"] == "m.room.tombstone" for e in await timeline(stack, old))
+    assert any(e["type"] == "m.room.tombstone" for e in await timeline(tpl, old))
+    async with client_for(tpl) as client:
+        assert await client.resolve_alias(alias) == new
 
 
 async def test_sink_side_of_a_rebuild_is_idempotent(stack: Settings) -> None:
