@@ -427,9 +427,48 @@ def csv_file(data: bytes) -> Callable[[Path], Source]:
     return build
 
 
+def slack_ts(value: str) -> Callable[[Path], Source]:
+    def build(tmp: Path) -> Source:
+        day = slack_day("one", "two", "three", field="ts", value=value)
+        return SlackSource(slack_zip(tmp / "s.zip", {"2024-01-03": day}))
+
+    return build
+
+
+def tg_date(value: str) -> Callable[[Path], Source]:
+    def build(tmp: Path) -> Source:
+        msgs = [telegram_message(1), telegram_message(2, date_unixtime=value), telegram_message(3)]
+        return TelegramSource(telegram_export(tmp / "tg", msgs))
+
+    return build
+
+
+def wa_1970(tmp: Path) -> Source:
+    path = tmp / "WhatsApp Chat with Eve.txt"
+    path.write_bytes(whatsapp_lines("Bob: two").replace(b"01/02/2024, 10:01", b"01/02/1970, 10:01"))
+    return WhatsAppSource(path)
+
+
+TS_REASON = "not Unix milliseconds between 2000 and 2100"
 ONE = b"p,1,s,1700000000000,one\n"
 THREE = b"p,3,s,1700000000002,three\n"
 ARCHIVE_CASES = [
+    ArchiveCase(
+        "slack.ts-1970",
+        slack_ts("1.000001"),
+        [("c/2024-01-03.json[1]", TS_REASON)],
+        ["one", "three"],
+    ),
+    ArchiveCase(
+        "telegram.ts-year-3000", tg_date("32503680000"), [(TG_WHERE, TS_REASON)], ["t1", "t3"]
+    ),
+    ArchiveCase("telegram.ts-negative", tg_date("-5"), [(TG_WHERE, TS_REASON)], ["t1", "t3"]),
+    ArchiveCase(
+        "whatsapp.ts-1970",
+        wa_1970,
+        [("WhatsApp Chat with Eve.txt:2", TS_REASON)],
+        ["one", "three"],
+    ),
     ArchiveCase(
         "whatsapp.zip-slip",
         wa_zip_slip,
