@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -287,6 +288,11 @@ async def soak(args: argparse.Namespace) -> int:
     kafka.close()
     if embedded_pg is not None:
         embedded_pg.stop()
+    ok = verdict.ok and verdict.delivered == verdict.expected
+    if ok:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        print(f"logs kept in {work}", file=sys.stderr)
 
     latencies = [final[k] - accepted[k] for k in accepted if k in final]
     elapsed = drained - t0
@@ -309,7 +315,7 @@ async def soak(args: argparse.Namespace) -> int:
     for name, series in samples.items():
         if series:
             print(memory_line(name, series, args.warmup))
-    return 0 if verdict.ok and verdict.delivered == verdict.expected else 1
+    return 0 if ok else 1
 
 
 async def watcher_pass(watcher: LiveWatcher) -> dict[tuple[str, str], float]:

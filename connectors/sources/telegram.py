@@ -33,14 +33,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
 from connectors.sources.shape import MAX_DEPTH, mismatch
-from connectors.sources.stream import (
-    TOO_DEEP,
-    Entries,
-    InvalidJSON,
-    TokenCapped,
-    TooLarge,
-    events,
-)
+from connectors.sources.stream import TOO_DEEP, Entries, InvalidJSON, TokenCapped, TooLarge, events
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024

@@ -70,13 +70,22 @@ async def test_duplicate_ids_with_different_content_keep_the_first(
     second = replace(first, content=Content(kind="text", body="a different body"))
     later = replace(first, ts=BASE_TS + 5, content=Content(kind="text", body="later still"))
     await publish(settings, settings.catalog.history, [first, second, done(portal)])
-    await publish(settings, settings.catalog.live, [replace(later, history=False)])
     worker = Worker(settings, tmp_path / "worker.log")
     try:
         async with CommandDriver(settings) as sink:
             await sink.wait_for(lambda: len(sink.sends(key)) >= 1, 120, workers=(worker,))
-            await asyncio.sleep(2)  # a second send of m1 would show up now
+            # Topics are read concurrently: "first" is by arrival, so the live
+            # duplicate goes out only once the history one was released.
+            # A new live message behind it on the same partition: once that
+            # one is sent, the duplicate before it has been processed.
+            sentinel = msg(portal, "m2", BASE_TS + 9, history=False)
+            await publish(
+                settings, settings.catalog.live, [replace(later, history=False), sentinel]
+            )
+            await sink.wait_for(lambda: "m2" in sink.sent_ids(key), 60, workers=(worker,))
+            await asyncio.sleep(1)
             sent = sink.sends(key)
     finally:
         worker.stop()
-    assert [(s.message.id, s.message.content.body) for s in sent] == [("m1", first.content.body)]
+    bodies = [(s.message.id, s.message.content.body) for s in sent]
+    assert bodies == [("m1", first.content.body), ("m2", sentinel.content.body)]

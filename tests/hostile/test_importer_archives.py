@@ -1,18 +1,12 @@
-"""The hostile corpus through each importer: WhatsApp, Slack, Telegram and CSV.
+"""The hostile corpus through each importer (2/2): hostile archives and files.
 
-Two tables, both generated here:
-
-- strings: a NUL, terminal controls, a bidi override in each field an
-  importer reads, in the middle one of three messages;
-- archives: zip-slip names, links out of the export, decompression bombs,
-  truncated and invalid UTF-8 files, deep nesting, encrypted entries, media
-  paths that climb out.
-
-Records are checked as the publisher checks them (``check_record``), so
-what is accepted here is what an import publishes. For each case: the bad
-input is one rejection naming the file and line or entry (and the field),
-the neighbours still import, nothing outside the export is read, and the
-traced peak memory stays bounded whatever the input expands to.
+Zip-slip names, links out of the export, decompression bombs, truncated and
+invalid UTF-8 files, deep nesting, encrypted entries, media paths that climb
+out, huge CSV fields and absurd timestamps, for WhatsApp, Slack, Telegram and
+CSV. Each case names the rejections it must give (file and line or entry, a
+reason fragment) and the neighbours that still import; nothing outside the
+export may be read and the traced peak stays under PEAK_LIMIT while bombs
+expand beyond it.
 """
 
 from __future__ import annotations
@@ -25,256 +19,24 @@ from pathlib import Path
 
 import pytest
 
-from connectors.publish import check_record
-from connectors.source import Rejected, Source, SourceError
+from connectors.source import Source
 from connectors.sources.example_csv import CsvSource
 from connectors.sources.slack import SlackSource
 from connectors.sources.telegram import TelegramSource
 from connectors.sources.whatsapp import WhatsAppSource
-from tests.helpers import traced_peak
-from tests.hostile.corpus import NASTY
-from topics.codec import RecordError
-from topics.records import NetworkMessage
-
-SECRET = "BACKFLOW_HOSTILE_SECRET"
-# Caps lowered for speed (fixture the_caps); bombs expand beyond the peak allowed.
-CAP = 4 * 1024 * 1024
-PEAK_LIMIT = 16 * 1024 * 1024
-BOMB = 24 * 1024 * 1024
-
-
-@dataclass
-class Outcome:
-    bodies: list[str]  # message bodies that would be published, in order
-    rejected: list[tuple[str, str]]  # (where, reason)
-    text: str  # everything published, for leak checks
-    error: str | None = None  # the SourceError that ended the input, if any
-
-
-def validated(source: Source) -> Outcome:
-    """Read a source as ``publish_source`` does: its rejections plus the codec's."""
-    bodies: list[str] = []
-    rejected: list[tuple[str, str]] = []
-    text: list[str] = []
-    try:
-        for n, item in enumerate(source.read(), start=1):
-            _take(source, n, item, bodies, rejected, text)
-    except SourceError as exc:
-        return Outcome(bodies, rejected, "\n".join(text), str(exc))
-    return Outcome(bodies, rejected, "\n".join(text))
-
-
-def _take(
-    source: Source,
-    n: int,
-    item: object,
-    bodies: list[str],
-    rejected: list[tuple[str, str]],
-    text: list[str],
-) -> None:
-    if isinstance(item, Rejected):
-        rejected.append((item.where, item.reason))
-        return
-    try:
-        record, data = check_record(item, source.decoded)  # type: ignore[arg-type]
-    except RecordError as exc:
-        where = source.at if isinstance(item, NetworkMessage) else None
-        rejected.append((where or f"{source.path.name} item {n}", str(exc)))
-        return
-    text.append(data.decode())
-    if isinstance(record, NetworkMessage):
-        bodies.append(record.content.body or "")
-
-
-def measured(source: Source) -> tuple[Outcome, int]:
-    outcome, peak = traced_peak(lambda: validated(source))
-    assert peak < PEAK_LIMIT, f"peak {peak / 1e6:.0f} MB"
-    assert SECRET not in outcome.text  # nothing outside the export was read
-    return outcome, peak
-
-
-# ---------------------------------------------------------------- builders
-
-
-def slack_zip(path: Path, days: dict[str, bytes | str], **extra: bytes | str) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        zf.writestr("users.json", '[{"id": "U1", "name": "ann"}]')
-        zf.writestr("channels.json", '[{"id": "C1", "name": "c"}]')
-        for day, data in days.items():
-            zf.writestr(f"c/{day}.json", data)
-        for name, data in extra.items():
-            zf.writestr(name.replace("__", "/"), data)
-    return path
-
-
-def slack_day(*texts: str, field: str = "text", value: object = None) -> str:
-    msgs: list[dict[str, object]] = [
-        {"type": "message", "user": "U1", "text": t, "ts": f"170424000{i}.000100"}
-        for i, t in enumerate(texts)
-    ]
-    if value is not None:
-        msgs[1][field] = value
-    return json.dumps(msgs)
-
-
-def telegram_export(root: Path, msgs: list[dict[str, object]], **chat: object) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    data = {"name": "chat", "type": "personal_chat", "id": 42, "messages": msgs, **chat}
-    (root / "result.json").write_text(json.dumps(data))
-    return root
-
-
-def telegram_message(i: int, **fields: object) -> dict[str, object]:
-    base = {"id": i, "type": "message", "date_unixtime": str(1704058800 + i), "from": "A"}
-    return {**base, "from_id": "user1", "text": f"t{i}", **fields}
-
-
-def whatsapp_lines(middle: str) -> bytes:
-    return (
-        "01/02/2024, 10:00 - Eve: one\n" + f"01/02/2024, 10:01 - {middle}\n"
-        "01/02/2024, 10:02 - Eve: three\n"
-    ).encode()
-
-
-CSV_HEAD = "portal,id,sender,ts,body\n"
-
-
-# ---------------------------------------------------------------- strings
-
-
-@dataclass(frozen=True)
-class StringCase:
-    importer: str
-    field: str
-    label: str
-    build: Callable[[Path, str], Source]
-    # (where, field) of the one rejection, or None when the value is carried.
-    refused: Callable[[str], tuple[str, str] | None]
-
-
-def _slack(field: str) -> Callable[[Path, str], Source]:
-    def build(tmp: Path, value: str) -> Source:
-        day = slack_day("one", "two", "three", field=field, value=value)
-        return SlackSource(slack_zip(tmp / "slack.zip", {"2024-01-03": day}))
-
-    return build
-
-
-def _slack_refused(field: str) -> Callable[[str], tuple[str, str] | None]:
-    def refused(label: str) -> tuple[str, str] | None:
-        if label == "nul" or (field == "ts" and label != "nul"):
-            reason = f"field '{field}'" if label == "nul" else "malformed ts"
-            return "c/2024-01-03.json[1]", reason
-        return None
-
-    return refused
-
-
-def _telegram(field: str) -> Callable[[Path, str], Source]:
-    def build(tmp: Path, value: str) -> Source:
-        msgs = [telegram_message(i) for i in (1, 2, 3)]
-        msgs[1][field] = value
-        return TelegramSource(telegram_export(tmp / "tg", msgs))
-
-    return build
-
-
-def _whatsapp(field: str) -> Callable[[Path, str], Source]:
-    def build(tmp: Path, value: str) -> Source:
-        middle = f"Bob{value}: two" if field == "sender" else f"Bob: two{value}"
-        path = tmp / "WhatsApp Chat with Eve.txt"
-        path.write_bytes(whatsapp_lines(middle))
-        return WhatsAppSource(path)
-
-    return build
-
-
-def _csv(column: str) -> Callable[[Path, str], Source]:
-    def build(tmp: Path, value: str) -> Source:
-        row = {"portal": "p", "id": "2", "sender": "s", "body": "two"}
-        row[column] += value
-        quoted = ",".join('"' + row[c].replace('"', '""') + '"' for c in ("portal", "id", "sender"))
-        body = '"' + row["body"].replace('"', '""') + '"'
-        path = tmp / "h.csv"
-        path.write_text(
-            CSV_HEAD + "p,1,s,1700000000000,one\n"
-            f"{quoted},1700000000001,{body}\n"
-            "p,3,s,1700000000002,three\n",
-            encoding="utf-8",
-        )
-        return CsvSource(path)
-
-    return build
-
-
-def _refused_if_nul(where: str, field: str) -> Callable[[str], tuple[str, str] | None]:
-    return lambda label: (where, f"field '{field}'") if label == "nul" else None
-
-
-def _carried(label: str) -> None:
-    return None
-
-
-TG_WHERE = "result.json:chat 42 message 2"
-STRING_CASES = [
-    *(
-        StringCase("slack", f, label, _slack(f), _slack_refused(f))
-        for f in ("text", "user", "ts", "thread_ts")
-        for label in NASTY
-    ),
-    *(
-        StringCase("telegram", f, label, _telegram(f), _refused_if_nul(TG_WHERE, f))
-        for f in ("text", "from", "from_id")
-        for label in NASTY
-    ),
-    *(
-        StringCase(
-            "whatsapp",
-            f,
-            label,
-            _whatsapp(f),
-            _refused_if_nul("WhatsApp Chat with Eve.txt:2", "sender.name")
-            if f == "sender"
-            else _carried,
-        )
-        for f in ("sender", "body")
-        for label in NASTY
-    ),
-    *(
-        StringCase(
-            "csv",
-            c,
-            label,
-            _csv(c),
-            _refused_if_nul("h.csv:3", {"sender": "sender.id"}.get(c, c))
-            if c != "body"
-            else _carried,
-        )
-        for c in ("portal", "id", "sender", "body")
-        for label in NASTY
-    ),
-]
-
-
-@pytest.mark.parametrize(
-    "case", STRING_CASES, ids=[f"{c.importer}.{c.field}={c.label}" for c in STRING_CASES]
+from tests.hostile.exports import (
+    BOMB,
+    CAP,
+    CSV_HEAD,
+    SECRET,
+    TG_WHERE,
+    measured,
+    slack_day,
+    slack_zip,
+    telegram_export,
+    telegram_message,
+    whatsapp_lines,
 )
-def test_hostile_strings_in_each_field(case: StringCase, tmp_path: Path) -> None:
-    outcome, _ = measured(case.build(tmp_path, NASTY[case.label]))
-    expected = case.refused(case.label)
-    message_rejections = [r for r in outcome.rejected if "item" not in r[0]]
-    if expected is None:
-        assert not outcome.rejected, outcome.rejected
-        assert len(outcome.bodies) == 3
-    else:
-        where, reason = expected
-        assert len(message_rejections) == 1, outcome.rejected
-        assert message_rejections[0][0] == where and reason in message_rejections[0][1]
-        assert len(outcome.bodies) == 2  # both neighbours
-    assert outcome.bodies[0].endswith(("one", "t1")) and outcome.bodies[-1].endswith(
-        ("three", "t3")
-    )
-
 
 # ---------------------------------------------------------------- archives
 
@@ -427,9 +189,48 @@ def csv_file(data: bytes) -> Callable[[Path], Source]:
     return build
 
 
+def slack_ts(value: str) -> Callable[[Path], Source]:
+    def build(tmp: Path) -> Source:
+        day = slack_day("one", "two", "three", field="ts", value=value)
+        return SlackSource(slack_zip(tmp / "s.zip", {"2024-01-03": day}))
+
+    return build
+
+
+def tg_date(value: str) -> Callable[[Path], Source]:
+    def build(tmp: Path) -> Source:
+        msgs = [telegram_message(1), telegram_message(2, date_unixtime=value), telegram_message(3)]
+        return TelegramSource(telegram_export(tmp / "tg", msgs))
+
+    return build
+
+
+def wa_1970(tmp: Path) -> Source:
+    path = tmp / "WhatsApp Chat with Eve.txt"
+    path.write_bytes(whatsapp_lines("Bob: two").replace(b"01/02/2024, 10:01", b"01/02/1970, 10:01"))
+    return WhatsAppSource(path)
+
+
+TS_REASON = "not Unix milliseconds between 2000 and 2100"
 ONE = b"p,1,s,1700000000000,one\n"
 THREE = b"p,3,s,1700000000002,three\n"
 ARCHIVE_CASES = [
+    ArchiveCase(
+        "slack.ts-1970",
+        slack_ts("1.000001"),
+        [("c/2024-01-03.json[1]", TS_REASON)],
+        ["one", "three"],
+    ),
+    ArchiveCase(
+        "telegram.ts-year-3000", tg_date("32503680000"), [(TG_WHERE, TS_REASON)], ["t1", "t3"]
+    ),
+    ArchiveCase("telegram.ts-negative", tg_date("-5"), [(TG_WHERE, TS_REASON)], ["t1", "t3"]),
+    ArchiveCase(
+        "whatsapp.ts-1970",
+        wa_1970,
+        [("WhatsApp Chat with Eve.txt:2", TS_REASON)],
+        ["one", "three"],
+    ),
     ArchiveCase(
         "whatsapp.zip-slip",
         wa_zip_slip,
