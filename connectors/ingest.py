@@ -32,6 +32,8 @@ from connectors.publish import Publisher, check_record
 from topics import bus
 from topics.codec import RecordError, from_dict
 from topics.deadletter import Stage
+from topics.logs import add_secret
+from topics.metrics import counter, serve_metrics
 from topics.records import NetworkMessage, PortalInfo
 from topics.settings import Settings, SettingsError
 
@@ -39,6 +41,9 @@ log = logging.getLogger("backflow.ingest")
 
 # Seconds a keep-alive connection may stay idle between requests.
 KEEPALIVE_TIMEOUT = 30.0
+# What the endpoint counts (its /metrics reads these): records accepted, requests
+# refused as invalid (dead-lettered), unauthorized, or answered 503.
+COUNTS = web.AppKey("counts", dict)
 
 
 class HeaderDeadline(asyncio.Protocol):
@@ -144,7 +149,9 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
     token = settings.ingest.token
     if not token:
         raise SettingsError("set ingest.token (BACKFLOW_INGEST_TOKEN) before starting ingest")
+    add_secret(token)
     expected = f"Bearer {token}".encode()
+    counts = {"accepted": 0, "rejected": 0, "unauthorized": 0, "unavailable": 0}
     # One request at a time per process keeps the publisher's ack window simple;
     # a request's records are acknowledged together before the reply.
     lock = asyncio.Lock()
@@ -153,6 +160,7 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
         # Any byte a client sends is only ever a wrong token, never a 500.
         given = request.headers.get("Authorization", "").encode("utf-8", "replace")
         if not hmac.compare_digest(given, expected):
+            counts["unauthorized"] += 1
             return _error(401, "M_UNKNOWN_TOKEN", "missing or wrong bearer token")
         limit = settings.ingest.max_body_bytes
         too_large = _error(413, "M_TOO_LARGE", f"body over {limit} bytes")
@@ -168,6 +176,7 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
             async with lock:
                 await publisher.reject(f"http:{request.remote}{request.path}", str(exc), raw)
                 await publisher.flush()
+            counts["rejected"] += 1
             return _error(400, "M_BAD_JSON", str(exc), field=exc.field, reason=exc.reason)
         try:
             async with lock:
@@ -176,12 +185,14 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
                 await publisher.flush()
         except Exception as exc:  # noqa: BLE001 - the broker: the client retries the batch
             log.warning("publishing a batch of %d failed: %r", len(records), exc)
+            counts["unavailable"] += 1
             return _error(
                 503,
                 "M_UNAVAILABLE",
                 "the broker did not take the batch; send it again (records already "
                 "published are deduplicated by message id)",
             )
+        counts["accepted"] += len(records)
         return web.json_response({"accepted": len(records)})
 
     async def health(_: web.Request) -> web.Response:
@@ -190,7 +201,21 @@ def make_app(settings: Settings, publisher: Publisher) -> web.Application:
     app = web.Application(client_max_size=settings.ingest.max_body_bytes + 1)
     app.router.add_post("/v1/records", post_records)
     app.router.add_get("/health", health)
+    app[COUNTS] = counts
     return app
+
+
+def serve_ingest_metrics(settings: Settings, counts: dict[str, int]) -> Any:
+    """``/metrics`` on ``metrics.ingest_port`` (None when 0: off)."""
+
+    def collect() -> Any:
+        p = "backflow_ingest_"
+        yield counter(p + "records_accepted", "Records published", counts["accepted"])
+        yield counter(p + "requests_rejected", "Invalid requests dead-lettered", counts["rejected"])
+        yield counter(p + "requests_unauthorized", "Wrong or missing token", counts["unauthorized"])
+        yield counter(p + "requests_unavailable", "Batches answered 503", counts["unavailable"])
+
+    return serve_metrics(settings.metrics.host, settings.metrics.ingest_port, collect)
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -200,8 +225,10 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await bus.start(producer, settings)
     runner: web.AppRunner | None = None
     listener: asyncio.Server | None = None
+    metrics: Any = None
     try:
         app = make_app(settings, Publisher(settings, producer, Stage.INGEST))
+        metrics = serve_ingest_metrics(settings, app[COUNTS])
         runner = web.AppRunner(app, access_log=None, keepalive_timeout=KEEPALIVE_TIMEOUT)
         await runner.setup()
         server = runner.server
@@ -216,6 +243,9 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
             ready.set()
         await asyncio.Event().wait()
     finally:
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         if listener is not None:
             listener.close()
         if runner is not None:

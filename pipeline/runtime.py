@@ -30,6 +30,7 @@ from pipeline.schema import init_schema
 from topics import bus
 from topics.codec import send_command
 from topics.deadletter import DeadLetters, Stage
+from topics.logs import fields
 from topics.records import DeadLetter
 from topics.settings import Settings
 
@@ -374,7 +375,7 @@ class Runtime:
         portals too. The dead letter is retried while the broker is away.
         """
         key = getattr(item.record, "key", None)
-        log.warning("record %s (portal %r) failed: %s", item.source, key, reason)
+        log.warning("record %s (portal %r) failed: %s", item.source, key, reason, extra=fields(key))
         try:
             letter = self.dead_letters.build(reason, item.raw, source=item.source, key=key)
             await self._retry(lambda: self._dead_letters([letter]), "dead-lettering")
@@ -383,7 +384,7 @@ class Runtime:
         try:
             await self._retry(lambda: store.record_error(key, reason), "recording the error")
         except Exception:  # noqa: BLE001 - only bookkeeping for `backflow status`
-            log.exception("could not record the error of portal %r", key)
+            log.exception("could not record the error of portal %r", key, extra=fields(key))
 
     async def _dead_letters(self, letters: list[DeadLetter]) -> None:
         """Publish dead letters (the reporter logs each) and wait for the acks."""

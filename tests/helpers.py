@@ -195,3 +195,40 @@ async def portal_timeline(
             if not page.get("end") or not page.get("chunk"):
                 return events
             params["from"] = page["end"]
+
+
+async def scrape(port: int) -> dict[str, float]:
+    """A process's /metrics as {"name{label=value,...}": value} (counters end in _total)."""
+    import aiohttp
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as r:
+            assert r.status == 200
+            text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return out
+
+
+async def scrape_until(
+    port: int, check: Callable[[dict[str, float]], bool], timeout: float = 60.0
+) -> dict[str, float]:
+    """Scrape until ``check`` holds (the endpoint may not be up yet); the last scrape."""
+    import aiohttp
+
+    deadline = time.monotonic() + timeout
+    last: dict[str, float] = {}
+    while True:
+        try:
+            last = await scrape(port)
+            if check(last):
+                return last
+        except aiohttp.ClientConnectionError:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError(f"metrics never matched; last scrape: {last}")
+        await asyncio.sleep(0.3)

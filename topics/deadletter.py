@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any
 
 from topics.codec import encode
+from topics.logs import fields
 from topics.records import DeadLetter
 
 # What a dead letter keeps of the original and of the reason: a poison record
@@ -113,7 +114,10 @@ class DeadLetters:
             self.topic, encode(letter), key=(letter.key or str(self.stage)).encode()
         )
         self.count += 1
-        log.warning("dead letter (%s, %s): %s", letter.stage, letter.source, letter.reason)
+        where = fields(letter.key) if letter.key else {}
+        log.warning(
+            "dead letter (%s, %s): %s", letter.stage, letter.source, letter.reason, extra=where
+        )
         return future
 
     async def report(

@@ -93,6 +93,21 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    """Prometheus endpoints (docs/operations.md); a port of 0 leaves that process's off."""
+
+    host: str = "127.0.0.1"
+    worker_port: int = 0
+    sink_port: int = 0
+    ingest_port: int = 0
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    format: str = "text"  # "json": one object per line with portal / message id fields
+
+
+@dataclass(frozen=True)
 class Settings:
     kafka: KafkaSettings = field(default_factory=KafkaSettings)
     database: DatabaseSettings = field(default_factory=DatabaseSettings)
@@ -101,6 +116,8 @@ class Settings:
     backfill: BackfillSettings = field(default_factory=BackfillSettings)
     sink: SinkSettings = field(default_factory=SinkSettings)
     ingest: IngestSettings = field(default_factory=IngestSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    log: LogSettings = field(default_factory=LogSettings)
     state_dir: Path = DEFAULT_STATE_DIR
 
     @property

@@ -21,6 +21,7 @@ from backflow.cli.topics import provision_settings
 from connectors.publish import ImportSummary
 from connectors.source import SourceError, available
 from topics import bus
+from topics.logs import setup_logging
 from topics.provision import ProvisionError
 from topics.settings import Settings, SettingsError, load
 
@@ -41,19 +42,24 @@ def settings_of(ctx: click.Context) -> Settings:
     help="Settings file (YAML). Default: ./backflow.yaml when present.",
 )
 @click.option("--verbose", "-v", is_flag=True, help="Show client library logs too.")
+@click.option(
+    "--log-json",
+    is_flag=True,
+    help="Log JSON lines with portal/message id fields (setting log.format).",
+)
 @click.pass_context
-def cli(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+def cli(ctx: click.Context, config: Path | None, verbose: bool, log_json: bool) -> None:
     """Backfill chat history into Matrix through Kafka."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    settings = load(config)
+    if log_json:
+        settings = settings.with_overrides({"log.format": "json"})
+    setup_logging(settings, logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # Client libraries log every failed connection attempt; our own error
         # line says the same thing once.
         for name in ("aiokafka", "kafka", "faust", "mode", "asyncio"):
             logging.getLogger(name).setLevel(logging.CRITICAL)
-    ctx.obj = {"settings": load(config)}
+    ctx.obj = {"settings": settings}
 
 
 # ------------------------------------------------------------------ stack

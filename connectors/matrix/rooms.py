@@ -24,6 +24,7 @@ from connectors.matrix.settle import settle_startup
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore
 from topics import bus
+from topics.logs import fields
 from topics.records import CreateRoom, RoomCreated
 
 log = logging.getLogger("backflow.sink")
@@ -99,7 +100,7 @@ class Rooms:
         try:
             return await media_uri(self.client, cmd.avatar_url)
         except (MediaError, MatrixRequestError) as exc:
-            log.warning("room avatar for %s not set: %s", cmd.key, exc)
+            log.warning("room avatar for %s not set: %s", cmd.key, exc, extra=fields(cmd.key))
             return None
 
     async def create(self, portal: PortalQueue, cmd: CreateRoom) -> None:
@@ -128,10 +129,22 @@ class Rooms:
             await self.store.save_room(key, cmd.network, cmd.portal, room_id, alias)
             if created:
                 self.stats.rooms_created += 1
-                log.info("portal %s: created room %s (%s)", key, room_id, alias)
+                log.info(
+                    "portal %s: created room %s (%s)",
+                    key,
+                    room_id,
+                    alias,
+                    extra=fields(key, room=room_id),
+                )
             else:
                 self.stats.rooms_found += 1
-                log.info("portal %s: found existing room %s (%s)", key, room_id, alias)
+                log.info(
+                    "portal %s: found existing room %s (%s)",
+                    key,
+                    room_id,
+                    alias,
+                    extra=fields(key, room=room_id),
+                )
         else:
             self.stats.rooms_found += 1
         room = portal.room
@@ -193,7 +206,14 @@ class Rooms:
             )
             await self.store.rebuilt(key, name, cmd.network, cmd.portal, room_id, alias)
             self.stats.rooms_created += int(created)
-            log.info("portal %s: rebuild %s into room %s (was %s)", key, name, room_id, old)
+            log.info(
+                "portal %s: rebuild %s into room %s (was %s)",
+                key,
+                name,
+                room_id,
+                old,
+                extra=fields(key, room=room_id),
+            )
         room = portal.room = RoomState(room_id, alias)
         room.last_event = await self.store.newest_event(room_id)
         for ghost in ghosts:
@@ -220,4 +240,11 @@ class Rooms:
         await self.client.set_state(new, "m.room.canonical_alias", {"alias": alias})
         await self.client.delete_alias(self._rebuild_alias(cmd, name))
         await self.store.finish_rebuild(key, name)
-        log.info("portal %s: rebuild %s finished: %s replaces %s", key, name, new, old)
+        log.info(
+            "portal %s: rebuild %s finished: %s replaces %s",
+            key,
+            name,
+            new,
+            old,
+            extra=fields(key, room=new),
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
@@ -14,6 +15,7 @@ from connectors.matrix.client import (
     describe,
 )
 from connectors.matrix.fetch import MediaPolicy
+from connectors.matrix.metrics import serve_sink_metrics
 from connectors.matrix.registration import Registration, RegistrationError, load_registration
 from connectors.matrix.sink import MatrixSink, SinkError
 from connectors.matrix.stats import SinkStats
@@ -21,6 +23,7 @@ from connectors.matrix.store import SinkStore, StoreUnreachable
 from connectors.sink_runtime import Committer, Rebalance, run_task
 from topics import bus
 from topics.admin import require_topics
+from topics.logs import add_secret
 from topics.settings import Settings
 
 
@@ -82,10 +85,12 @@ async def run_sink(
         registration = load_registration(settings.appservice.registration)
     except RegistrationError as exc:
         raise SinkError(str(exc)) from None
+    add_secret(registration.as_token)
     client = await open_client(settings, registration)
     store: SinkStore | None = None
     producer: AIOKafkaProducer | None = None
     consumer: AIOKafkaConsumer | None = None
+    metrics: Any = None
 
     def tick() -> None:
         stats.rate_limited = client.stats["rate_limited"]
@@ -120,11 +125,15 @@ async def run_sink(
         consumer.subscribe(
             [settings.catalog.matrix_commands], listener=Rebalance(sink, committer)
         )
+        metrics = serve_sink_metrics(settings, stats, client.stats, consumer)
         await run_task(sink, consumer, committer, stop, idle_exit, tick)
         return stats
     finally:
         stats.rate_limited = client.stats["rate_limited"]
         stats.transient = client.stats["transient"]
+        if metrics is not None:
+            metrics.shutdown()
+            metrics.server_close()
         if consumer is not None:
             await consumer.stop()
         if producer is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable
 
 from connectors.matrix.client import MatrixClient, MatrixRequestError, describe
@@ -23,6 +24,7 @@ from connectors.matrix.rooms import Rooms
 from connectors.matrix.settle import scan, settle_startup
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import Intent, Mapped, SinkStore
+from topics.logs import fields
 from topics.records import NetworkMessage
 from topics.retry import RetryExhausted, Verdict, classify
 
@@ -109,6 +111,7 @@ class MessageSender:
         try:
             for item, intent in todo:
                 msg = item.command.message  # type: ignore[union-attr]
+                t0 = time.perf_counter()
                 try:
                     event_id, sender = await self.send_one(room, key, msg, intent)
                 except Exception as exc:
@@ -122,7 +125,7 @@ class MessageSender:
                     failed.append(intent)
                     continue
                 results.append((intent, event_id, msg.ts, sender))
-                self.stats.count_send(key)
+                self.stats.count_send(key, time.perf_counter() - t0)
                 room.last_event = event_id
                 if msg.part == 0 or msg.id not in room.recent:
                     room.recent[msg.id] = Mapped(event_id, msg.ts, sender)
@@ -157,7 +160,12 @@ class MessageSender:
             if hit is None:
                 return None
             self.stats.settled += 1
-            log.info("portal %s: in-doubt send of %s found in the room", key, msg.id)
+            log.info(
+                "portal %s: in-doubt send of %s found in the room",
+                key,
+                msg.id,
+                extra=fields(key, msg.id, room.room_id),
+            )
             return hit[0]
 
         target: Mapped | None = None

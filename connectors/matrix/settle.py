@@ -16,6 +16,7 @@ from connectors.matrix.content import SOURCE_KEY
 from connectors.matrix.queues import RoomState
 from connectors.matrix.stats import SinkStats
 from connectors.matrix.store import SinkStore
+from topics.logs import fields
 from topics.records import portal_key
 
 log = logging.getLogger("backflow.sink")
@@ -87,4 +88,9 @@ async def settle_startup(
         await store.record(results)
         stats.settled += len(results)
         room.last_event = await store.newest_event(room.room_id)
-        log.info("portal %s: settled %d in-doubt sends from a previous run", key, len(results))
+        log.info(
+            "portal %s: settled %d in-doubt sends from a previous run",
+            key,
+            len(results),
+            extra=fields(key),
+        )

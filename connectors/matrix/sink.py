@@ -49,6 +49,7 @@ from connectors.sink import SinkTask
 from topics import bus
 from topics.codec import RecordError, decode
 from topics.deadletter import DeadLetters, Stage, log_source
+from topics.logs import fields
 from topics.records import CreateRoom, SendMessage
 from topics.settings import Settings
 
@@ -224,7 +225,8 @@ class MatrixSink(SinkTask):
                 self.parked[(command.key, tp)] = Parked(command.key, tp, msg.offset + 1)
             else:  # still finishing what its last reader handed over
                 parked.active, parked.next_offset = True, msg.offset + 1
-            log.info("portal %s: room backed up, parked on %s", command.key, tp)
+            where = fields(command.key)
+            log.info("portal %s: room backed up, parked on %s", command.key, tp, extra=where)
 
     def enqueue(self, item: WorkItem) -> PortalQueue:
         key = item.command.key
@@ -283,13 +285,24 @@ class MatrixSink(SinkTask):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("portal %s: re-reading %s failed (%r)", parked.key, parked.tp, exc)
+            log.warning(
+                "portal %s: re-reading %s failed (%r)",
+                parked.key,
+                parked.tp,
+                exc,
+                extra=fields(parked.key),
+            )
             await asyncio.sleep(RETRY_DELAY)
         finally:
             await consumer.stop()
         parked.reader = None
         if not parked.active:
-            log.info("portal %s: caught up on %s, unparked", parked.key, parked.tp)
+            log.info(
+                "portal %s: caught up on %s, unparked",
+                parked.key,
+                parked.tp,
+                extra=fields(parked.key),
+            )
         self._drop_parked_if_done(parked)
         self._resume_parked(parked.key)  # a failed or idle room's reader goes on
 
@@ -317,7 +330,12 @@ class MatrixSink(SinkTask):
                 if permanent and len(batch) > 1:
                     # Something in the batch is refused for good (e.g. a value
                     # Postgres rejects): go one command at a time to find it.
-                    log.warning("portal %s: batch refused (%s); one by one", portal.key, exc)
+                    log.warning(
+                        "portal %s: batch refused (%s); one by one",
+                        portal.key,
+                        exc,
+                        extra=fields(portal.key),
+                    )
                     portal.room = None
                     for item in reversed(batch):
                         portal.queue.appendleft(item)
@@ -331,7 +349,12 @@ class MatrixSink(SinkTask):
                     continue
                 # Infrastructure trouble (database, broker): put the batch back
                 # and retry it later; effects are idempotent.
-                log.warning("portal %s: batch failed (%r); retrying", portal.key, exc)
+                log.warning(
+                    "portal %s: batch failed (%r); retrying",
+                    portal.key,
+                    exc,
+                    extra=fields(portal.key),
+                )
                 self.stats.retries += 1
                 portal.put_back(batch)
                 portal.room = None  # reload state from the database
@@ -358,7 +381,12 @@ class MatrixSink(SinkTask):
                     if refused_for_good(exc):
                         await self.item_dead_letter(item, f"{type(exc).__name__}: {exc}")
                         break
-                    log.warning("portal %s: command failed (%r); retrying", portal.key, exc)
+                    log.warning(
+                        "portal %s: command failed (%r); retrying",
+                        portal.key,
+                        exc,
+                        extra=fields(portal.key),
+                    )
                     self.stats.retries += 1
                     await asyncio.sleep(RETRY_DELAY)
                     continue

@@ -9,17 +9,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import signal
 import sys
 
 from connectors.matrix.runner import run_sink
 from connectors.matrix.sink import SinkError
-from topics.settings import SettingsError, load
+from topics.logs import setup_logging
+from topics.settings import Settings, SettingsError, load
 
 
-async def _main(idle_exit: float | None) -> int:
-    settings = load()
+async def _main(settings: Settings, idle_exit: float | None) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -34,11 +33,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=None, help="exit after N idle seconds")
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s"
-    )
     try:
-        return asyncio.run(_main(args.idle_exit))
+        settings = load()
+        setup_logging(settings, args.log_level.upper())
+        return asyncio.run(_main(settings, args.idle_exit))
     except (SinkError, SettingsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -5,6 +5,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
+
+def _latency() -> Histogram:
+    # Kept here with the counters (unregistered): the sink's /metrics reads it.
+    return Histogram(
+        "backflow_sink_send_seconds",
+        "Time to send one message to the homeserver (ghost, membership, media, event)",
+        registry=None,
+        buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+    )
+
 
 @dataclass
 class SinkStats:
@@ -22,13 +34,16 @@ class SinkStats:
     first_command: float | None = None  # monotonic time of the first command
     last_sent: float | None = None  # monotonic time of the newest send
     per_room: dict[str, int] = field(default_factory=dict)
+    send_seconds: Histogram = field(default_factory=_latency)
 
     @property
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
-    def count_send(self, key: str) -> None:
+    def count_send(self, key: str, seconds: float | None = None) -> None:
         self.sent += 1
+        if seconds is not None:
+            self.send_seconds.observe(seconds)
         self.last_sent = time.monotonic()
         self.per_room[key] = self.per_room.get(key, 0) + 1
 
