@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from topics.settings import SettingsError
+
 log = logging.getLogger("backflow.metrics")
 SCRAPE_TIMEOUT = 5.0
 
@@ -39,7 +41,10 @@ def serve_metrics(host: str, port: int, collect: Callable[[], Iterable[Metric]])
         return None
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Callback(collect))
-    server, _thread = start_http_server(port, addr=host, registry=registry)
+    try:
+        server, _thread = start_http_server(port, addr=host, registry=registry)
+    except OSError as exc:  # two processes given one port, most likely
+        raise SettingsError(f"metrics endpoint {host}:{port}: {exc.strerror or exc}") from None
     log.info("metrics on http://%s:%s/metrics", host, port)
     return server
 
