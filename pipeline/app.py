@@ -19,7 +19,6 @@ from aiokafka import TopicPartition
 from faust.sensors import Sensor
 
 from pipeline import faust_compat as compat
-from pipeline.metrics import serve_worker_metrics
 from pipeline.runtime import Runtime
 from topics import bus
 from topics.logs import setup_logging
@@ -109,15 +108,10 @@ def register(
         if runtime.ready and not runtime.stopped:
             runtime.wake_flusher()
 
-    metrics: list[Any] = []
-
     @app.task
     async def observe() -> None:
         # After faust set up its log handlers: put our formatter on them.
         setup_logging(settings, level=None)
-        server = serve_worker_metrics(runtime, app.consumer, source_names)
-        if server is not None:
-            metrics.append(server)
 
     watch: list[asyncio.Future] = []
 
@@ -145,7 +139,8 @@ def register(
     async def on_shutdown(sender: Any, **_: Any) -> None:
         for task in watch:
             task.cancel()
-        for server in metrics:
+        server = getattr(app, "pipeline_metrics", None)  # set by pipeline.worker
+        if server is not None:
             server.shutdown()
             server.server_close()
         await runtime.stop()

@@ -13,13 +13,16 @@ from pipeline.status import status_rows
 from topics.metrics import consumer_lag, counter, gauge, lag_metric, on_loop, serve_metrics
 
 
-def serve_worker_metrics(runtime: Runtime, consumer: Any, sources: set[str]) -> Any:
+def serve_worker_metrics(runtime: Runtime, app: Any, sources: set[str]) -> Any:
     """Start the endpoint on ``metrics.worker_port`` (None when 0: off).
+
+    Called before faust starts, so a taken port stops the worker with a clear
+    error; the loop and consumer are looked up at scrape time, once the
+    runtime opened its pool on the first assignment.
 
     ``held`` / ``released`` are the totals ``backflow status`` shows, over
     every portal in the database, so every worker reports the same figures.
     """
-    loop = asyncio.get_running_loop()
     settings = runtime.settings
 
     def collect() -> Iterator[Metric]:
@@ -29,12 +32,15 @@ def serve_worker_metrics(runtime: Runtime, consumer: Any, sources: set[str]) -> 
         yield counter(p + "produced", "Commands produced to the sink", stats["produced"])
         yield counter(p + "dead_lettered", "Records dead-lettered", stats["dead_letters"])
         pool = runtime.pool
-        if pool is not None:  # None until the first assignment opened it
-            rows = on_loop(loop, status_rows(pool))
-            yield gauge(p + "held", "Messages held, all portals", sum(r["held"] for r in rows))
-            released = sum(r["released"] for r in rows)
-            yield gauge(p + "released", "Messages released, all portals", released)
-            yield gauge(p + "portals", "Portals known", len(rows))
-        yield lag_metric(p + "consumer_lag", on_loop(loop, consumer_lag(consumer, sources)))
+        if pool is None:  # None until the first assignment opened it
+            return
+        loop: asyncio.AbstractEventLoop = app.loop
+        rows = on_loop(loop, status_rows(pool))
+        yield gauge(p + "held", "Messages held, all portals", sum(r["held"] for r in rows))
+        released = sum(r["released"] for r in rows)
+        yield gauge(p + "released", "Messages released, all portals", released)
+        yield gauge(p + "portals", "Portals known", len(rows))
+        lag = on_loop(loop, consumer_lag(app.consumer, sources))
+        yield lag_metric(p + "consumer_lag", lag)
 
     return serve_metrics(settings.metrics.host, settings.metrics.worker_port, collect)

@@ -25,6 +25,7 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     import faust
 
     from pipeline.app import make_app
+    from pipeline.metrics import serve_worker_metrics
     from topics.admin import require_topics
 
     # faust would join its group and idle on missing topics without a word.
@@ -34,6 +35,9 @@ def run_worker(settings: Settings, loglevel: str = "info") -> None:
     chunk = int(os.environ.get("BACKFLOW_PIPELINE_FLUSH_CHUNK", "5000"))
     pause = float(os.environ.get("BACKFLOW_PIPELINE_FLUSH_PAUSE", "0"))
     app = make_app(settings, flush_chunk=chunk, flush_pause=pause)
+    catalog = settings.catalog
+    sources = {catalog.history, catalog.live, catalog.portal_events}
+    app.pipeline_metrics = serve_worker_metrics(app.pipeline_runtime, app, sources)
     worker = faust.Worker(app, loglevel=loglevel, quiet=True)
     worker.execute_from_commandline()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,19 @@ async def test_worker_metrics_follow_hold_and_release(
     lines = [json.loads(x) for x in worker.log().splitlines() if x.startswith("{")]
     owns = [x for x in lines if x["msg"].startswith("pipeline owns partitions")]
     assert owns and owns[0]["logger"].startswith("backflow")
+
+
+async def test_a_taken_metrics_port_stops_the_worker_with_a_clear_error(
+    kafka: Any, pg_admin: str, tmp_path: Path
+) -> None:
+    settings = await pipeline_settings(kafka, pg_admin, tmp_path)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        worker = Worker(settings, tmp_path / "worker.log", BACKFLOW_METRICS_WORKER_PORT=str(port))
+        try:
+            assert worker.proc.wait(60) == 1
+        finally:
+            worker.stop()
+    assert f"error: metrics endpoint 127.0.0.1:{port}" in worker.log()
