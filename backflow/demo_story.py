@@ -121,7 +121,11 @@ def progress_line(snap: Snapshot, keys: set[str]) -> str:
         states[state] = states.get(state, 0) + 1
     sent = sum(snap.rooms.get(k, {}).get("sent", 0) for k in keys)
     parts = ", ".join(f"{n} {state}" for state, n in sorted(states.items()))
-    return f"  {len(keys)} portals: {parts} | {sent} messages sent"
+    rebuilds = [snap.rooms.get(k, {}) for k in keys]
+    rebuilding = sum(1 for r in rebuilds if r.get("rebuilding"))
+    rebuilt = sum(1 for r in rebuilds if r.get("rebuilt"))
+    extra = f" | rebuilds: {rebuilding} running, {rebuilt} done" if rebuilding or rebuilt else ""
+    return f"  {len(keys)} portals: {parts} | {sent} messages sent{extra}"
 
 
 async def wait_idle(
@@ -213,6 +217,12 @@ async def run_story(
         final = await wait_idle(settings, keys, rebuilt, children, echo, deadline)
     finally:
         stop(children)
+    store = await SinkStore.open(settings.database.url, size=1)
+    try:
+        for r in await store.rebuilds(story.rebuild):
+            echo(f"  {story.rebuild}: old room {r['old_room']} tombstoned, now {r['new_room']}")
+    finally:
+        await store.close()
     return await summary_rows(settings, final, keys)
 
 
