@@ -106,8 +106,19 @@ class Source:
             return None
 
 
-def read_lines(handle: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line) for each line of ``handle``; None for a line over ``limit`` bytes.
+class LongLine(bytes):
+    """The start of a line over the limit (its first ``LONG_LINE_HEAD`` bytes); the rest
+    was skipped. Enough for a dead letter's excerpt."""
+
+
+LONG_LINE_HEAD = 16 * 1024
+
+
+def read_lines(
+    handle: IO[bytes], limit: int, *, heads: bool = False
+) -> Iterator[tuple[int, bytes | None]]:
+    """(line number, line) for each line of ``handle``; None for a line over ``limit`` bytes
+    (with ``heads``: a ``LongLine`` holding its start instead).
 
     Memory stays bounded by ``limit`` whatever the input: the rest of an
     over-long line is skipped in chunks, never held whole.
@@ -118,11 +129,12 @@ def read_lines(handle: IO[bytes], limit: int) -> Iterator[tuple[int, bytes | Non
         if len(line) <= limit:
             yield number, line
             continue
+        head = LongLine(line[:LONG_LINE_HEAD]) if heads else None
         while not line.endswith(b"\n"):
             line = handle.readline(64 * 1024)
             if not line:
                 break
-        yield number, None
+        yield number, head
 
 
 class BoundedLines:

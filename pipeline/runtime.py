@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections import deque
@@ -32,25 +33,16 @@ from topics.codec import send_command
 from topics.deadletter import DeadLetters, Stage
 from topics.logs import fields
 from topics.records import DeadLetter
+from topics.retry import RetryPolicy, retry
 from topics.settings import Settings
 
 log = logging.getLogger("backflow.pipeline")
 
 TRACE = bool(os.environ.get("BACKFLOW_PIPELINE_TRACE"))  # log each batch's timings
-# Errors after which retrying the same work is right (the database or the
-# network was away, or Postgres chose us as a deadlock victim).
-TRANSIENT = (
-    OSError,
-    asyncio.TimeoutError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.CannotConnectNowError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.TooManyConnectionsError,
-    asyncpg.DeadlockDetectedError,
-    asyncpg.SerializationError,
-)
+# The one retry policy (topics/retry.py: what is transient is decided there),
+# without a time limit: a record the pipeline gave up on would have to be
+# dropped or dead-lettered for an outage, and it must be neither.
+RETRY = RetryPolicy(first_delay=0.2, max_delay=10.0, give_up_after=math.inf)
 
 
 class Runtime:
@@ -392,15 +384,8 @@ class Runtime:
         self.stats["dead_letters"] += len(letters)
 
     async def _retry(self, make: Any, what: str) -> Any:
-        """Retry transient failures forever (at-least-once: never skip a record)."""
-        delay = 0.2
-        while True:
-            try:
-                return await make()
-            except TRANSIENT as exc:
-                log.warning("%s failed (%r); retrying in %.1fs", what, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        """Retry transient failures until they pass (at-least-once: never skip a record)."""
+        return await retry(make, what, RETRY)
 
 
 def read_back(cmd: dict[str, Any]) -> tuple[str, int | None] | None:

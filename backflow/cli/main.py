@@ -284,7 +284,7 @@ def run(ctx: click.Context) -> None:
 @cli.command()
 @click.pass_context
 def demo(ctx: click.Context) -> None:
-    """Backfill three sample chats on the embedded stack and show the rooms."""
+    """Backfill the bundled sample chats on the embedded stack: holds, catch-up, rebuild."""
     from backflow.demo import run_demo
 
     run_demo(ctx.find_root().params.get("config"))

@@ -160,15 +160,24 @@ class Calls:
                 if isinstance(failure, MatrixRequestError):
                     status = failure.http_status
                     if status == 429:
-                        in_doubt = False  # refused before any effect: safe to repeat as is
+                        # Refused before any effect; an earlier attempt may still
+                        # land, so in_doubt stays as it was (settle before the next).
                         self.stats["rate_limited"] += 1
                         wait = min(answer.wait(), self.max_retry_delay)
                         raise Transient(f"{what}: rate limited", retry_after=wait) from None
-                    transient = status in _TRANSIENT_STATUS
+                    # 401 while running: the token was refused (rotated, or the
+                    # homeserver lost the registration); nothing is wrong with the
+                    # command, so it waits. At startup it is the answer to report.
+                    transient = status in _TRANSIENT_STATUS or (status == 401 and retry_transient)
                     if transient or (status == 500 and errors_500 < MAX_500_RETRIES):
                         errors_500 += not transient
                         in_doubt = True
                         raise Transient(self.scrub(f"{what}: {describe(failure)}")) from None
+                    if in_doubt and settle is not None:
+                        # An earlier attempt may have landed before this refusal.
+                        found = await settle()
+                        if found is not None:
+                            return found
                     raise self._scrubbed(failure) from None
                 if isinstance(failure, _UNREACHABLE):
                     in_doubt = True

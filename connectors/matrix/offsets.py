@@ -17,19 +17,23 @@ class OffsetTracker:
 
     def __init__(self) -> None:
         self._order: dict[TopicPartition, deque[int]] = {}
+        self._inflight: dict[TopicPartition, set[int]] = {}
         self._done: dict[TopicPartition, set[int]] = {}
         self._next: dict[TopicPartition, int] = {}  # committable position
         self.pending = 0
 
     def add(self, tp: TopicPartition, offset: int) -> None:
         self._order.setdefault(tp, deque()).append(offset)
+        self._inflight.setdefault(tp, set()).add(offset)
         self._done.setdefault(tp, set())
         self.pending += 1
 
     def done(self, tp: TopicPartition, offset: int) -> None:
         order = self._order.get(tp)
-        if order is None:
-            return  # partition revoked meanwhile
+        inflight = self._inflight.get(tp)
+        if order is None or inflight is None or offset not in inflight:
+            return  # revoked meanwhile (and maybe assigned again): not ours to count
+        inflight.discard(offset)
         done = self._done[tp]
         done.add(offset)
         self.pending -= 1
@@ -57,5 +61,6 @@ class OffsetTracker:
         for tp in tps:
             order = self._order.pop(tp, None)
             self.pending -= len(order or ())
+            self._inflight.pop(tp, None)
             self._done.pop(tp, None)
             self._next.pop(tp, None)

@@ -33,7 +33,9 @@ from connectors.matrix.offsets import OffsetTracker
 log = logging.getLogger("backflow.sink.reread")
 
 READ_RECORDS = 500  # records per fetch of a reader
-EMPTY_FETCHES = 100  # consecutive empty fetches before a reader gives up (log truncated)
+# Consecutive empty fetches (the broker away, a leader moving) before a reader
+# ends its turn; the portal stays parked and a new reader starts after a pause.
+EMPTY_FETCHES = 100
 
 
 @dataclass
@@ -81,35 +83,36 @@ async def read_portal(
     seen: Callable[[], int],
     room_full: Callable[[], bool],
     hand_over: Callable[[ConsumerRecord], None],
-) -> None:
+) -> str:
     """Read ``parked.tp`` from ``parked.next_offset``, handing the portal's records over.
 
-    Stops when the room is full again (the worker starts a new reader when it
-    has drained) or when it has caught up with the main consumer's position
-    (``seen()``), which unparks the portal. Between the check and unparking
-    there is no ``await``, so no record falls between the reader and the main
-    consumer.
+    Returns why it stopped: ``"full"`` (the room is full again; the worker
+    starts a new reader when it has drained), ``"caught_up"`` (it reached the
+    main consumer's position, ``seen()``, and unparked the portal; between the
+    check and unparking there is no ``await``, so no record falls between the
+    reader and the main consumer) or ``"idle"`` (no records for a while: the
+    portal stays parked, its floor holding the commit back).
     """
     tp = parked.tp
     consumer.assign([tp])
     consumer.seek(tp, parked.next_offset)
     empty = 0
-    while parked.active:
+    while True:
         if parked.next_offset >= seen():
             parked.active = False  # caught up: the main consumer feeds it from here
-            return
+            return "caught_up"
         batch = await consumer.getmany(tp, timeout_ms=200, max_records=READ_RECORDS)
         records = batch.get(tp, [])
         if not records:
             empty += 1
             if empty >= EMPTY_FETCHES:
-                log.error(
-                    "portal %s: cannot re-read %s from offset %d (log truncated?); unparking",
+                log.warning(
+                    "portal %s: no records re-reading %s from offset %d; trying again",
                     parked.key,
                     tp,
                     parked.next_offset,
                 )
-                parked.active = False
+                return "idle"
             continue
         empty = 0
         for record in records:
@@ -118,6 +121,16 @@ async def read_portal(
             if record.offset >= seen():
                 break  # the main consumer has not got here: it will feed the rest
             if room_full():
-                return  # next_offset stays here; a later reader goes on from it
+                return "full"  # next_offset stays here; a later reader goes on from it
+            if record.offset > parked.next_offset and parked.next_offset != 0:
+                # Offsets can have gaps (transaction markers), but records the
+                # retention deleted are gone for good: say so loudly.
+                log.warning(
+                    "portal %s: %s offsets %d..%d not in the log any more",
+                    parked.key,
+                    tp,
+                    parked.next_offset,
+                    record.offset - 1,
+                )
             hand_over(record)
             parked.next_offset = record.offset + 1

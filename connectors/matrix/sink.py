@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from aiokafka import AIOKafkaProducer, TopicPartition
@@ -57,6 +58,7 @@ log = logging.getLogger("backflow.sink")
 
 # A memory bound on top of the per-room one (many rooms each just under theirs).
 MAX_BUFFERED = 50_000
+MAX_PARKED_SPAN = 20_000  # records the main consumer may run past a parked floor
 RETRY_DELAY = 1.0  # seconds before a batch that hit transient trouble is retried
 CLOSE_TIMEOUT = 20.0  # seconds a revoked partition's in-flight commands may take
 
@@ -141,11 +143,18 @@ class MatrixSink(SinkTask):
         return positions
 
     def full(self) -> set[TopicPartition]:
-        # Only the memory bound pauses fetching: a single full room is parked
-        # (reread.py), so the rest of its partition keeps flowing.
+        # A single full room is parked (reread.py), so the rest of its partition
+        # keeps flowing. Fetching pauses for the memory bound, and where the main
+        # consumer has run MAX_PARKED_SPAN past a parked floor (all of that would
+        # be consumed again after a restart).
         if self.pending() > MAX_BUFFERED:
             return self.tracker.partitions()
-        return set()
+        paused: set[TopicPartition] = set()
+        for parked in self.parked.values():
+            floor = parked.floor()
+            if floor is not None and self.seen.get(parked.tp, 0) - floor > MAX_PARKED_SPAN:
+                paused.add(parked.tp)
+        return paused
 
     def pending(self) -> int:
         parked = sum(p.tracker.pending + p.active for p in self.parked.values())
@@ -157,9 +166,7 @@ class MatrixSink(SinkTask):
         # Parked portals stay parked (their floor holds the commit back) until
         # forget(); the next owner reads them from the committed position.
         self.closing |= partitions
-        for parked in self._parked_on(partitions):
-            if parked.reader is not None:
-                parked.reader.cancel()
+        await self._cancel_readers(self._parked_on(partitions))
         deadline = time.monotonic() + CLOSE_TIMEOUT
         while self._pending_in(partitions) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -168,9 +175,21 @@ class MatrixSink(SinkTask):
         self.tracker.forget(partitions)
         for parked in self._parked_on(partitions):
             del self.parked[(parked.key, parked.tp)]
+        # Queued commands of those partitions are the next owner's now (their
+        # offsets are not committed): drop them, so two processes never work
+        # on one room. A batch already on the wire finishes.
+        for portal in self.portals.values():
+            if any(item.tp in partitions for item in portal.queue):
+                portal.queue = deque(i for i in portal.queue if i.tp not in partitions)
         for tp in partitions:
             self.seen.pop(tp, None)
         self.closing -= partitions
+
+    async def _cancel_readers(self, parked: list[Parked]) -> None:
+        readers = [p.reader for p in parked if p.reader is not None and not p.reader.done()]
+        for reader in readers:
+            reader.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
 
     def _parked_on(self, partitions: set[TopicPartition]) -> list[Parked]:
         return [p for p in self.parked.values() if p.tp in partitions]
@@ -182,9 +201,7 @@ class MatrixSink(SinkTask):
     async def stop(self) -> None:
         # Let workers finish their current batch; what is unfinished is redelivered.
         self.stopping = True
-        for parked in self.parked.values():
-            if parked.reader is not None:
-                parked.reader.cancel()
+        await self._cancel_readers(list(self.parked.values()))
         await self.drain(timeout=30)
         for portal in list(self.portals.values()):
             if portal.task is not None and not portal.task.done():
@@ -273,9 +290,10 @@ class MatrixSink(SinkTask):
             self.enqueue(WorkItem(parked.tp, record.offset, raw, command, reread=True))
 
         consumer = bus.reader(self.settings)
+        why = "failed"
         try:
             await bus.start(consumer, self.settings)
-            await read_portal(
+            why = await read_portal(
                 parked,
                 consumer,
                 seen=lambda: self.seen.get(parked.tp, 0),
@@ -285,24 +303,17 @@ class MatrixSink(SinkTask):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning(
-                "portal %s: re-reading %s failed (%r)",
-                parked.key,
-                parked.tp,
-                exc,
-                extra=fields(parked.key),
-            )
-            await asyncio.sleep(RETRY_DELAY)
+            where = fields(parked.key)
+            what = ("portal %s: re-reading %s failed (%r)", parked.key, parked.tp, exc)
+            log.warning(*what, extra=where)
         finally:
             await consumer.stop()
+        if why in ("failed", "idle"):
+            await asyncio.sleep(RETRY_DELAY)  # then a new reader (still parked)
         parked.reader = None
         if not parked.active:
-            log.info(
-                "portal %s: caught up on %s, unparked",
-                parked.key,
-                parked.tp,
-                extra=fields(parked.key),
-            )
+            where = fields(parked.key)
+            log.info("portal %s: caught up on %s, unparked", parked.key, parked.tp, extra=where)
         self._drop_parked_if_done(parked)
         self._resume_parked(parked.key)  # a failed or idle room's reader goes on
 

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import orjson
 
-from connectors.source import Rejected, Source, SourceError, SourceItem, read_lines
+from connectors.source import LongLine, Rejected, Source, SourceError, SourceItem, read_lines
 from topics.codec import MAX_RECORD_BYTES, RecordError, decode
 from topics.records import NetworkMessage, PortalInfo
 from topics.schema import usable_key
@@ -34,10 +34,12 @@ class JsonlSource(Source):
             raise SourceError(f"cannot read {self.path}: {exc.strerror}") from None
         self.track(handle, self.path.stat().st_size)
         with handle:
-            for number, raw in read_lines(handle, MAX_LINE_BYTES):
+            for number, raw in read_lines(handle, MAX_LINE_BYTES, heads=True):
                 where = f"{self.path.name}:{number}"
-                if raw is None:
-                    yield Rejected(where, f"line over {MAX_LINE_BYTES} bytes: not read")
+                if raw is None or isinstance(raw, LongLine):
+                    # The dead letter carries the line's start (bounded), not nothing.
+                    reason = f"line over {MAX_LINE_BYTES} bytes: not read"
+                    yield Rejected(where, reason, raw or b"", key=key_of(raw or b""))
                     continue
                 line = raw.strip()
                 if not line:

@@ -63,8 +63,8 @@ def test_jsonl_rejects_each_bad_line_by_file_line_and_field(tmp_path: Path) -> N
             rejection = by_line.pop(line)
             assert rejection.where == f"hostile.jsonl:{line}"
             _reason_names(rejection.reason, case)
-            # The bytes read, for the dead letter (a line over the cap is never held).
-            assert rejection.original or "line over" in rejection.reason
+            # The bytes read, for the dead letter (of a line over the cap, its start).
+            assert rejection.original
         else:
             assert line not in by_line, (case.name, by_line.get(line))
     assert not by_line
@@ -86,6 +86,9 @@ def test_jsonl_truncated_last_line_and_a_50mb_line_stay_bounded(tmp_path: Path) 
         ("big.jsonl:2", f"line over {MAX_LINE_BYTES} bytes"),
         ("big.jsonl:4", "invalid JSON"),
     ]
+    # The over-long line's dead letter carries its start, bounded (issue 10 item 5).
+    head = bytes(rejected[0].original)
+    assert head.startswith(b'{"type":"message"') and len(head) == 16 * 1024
     assert peak < 8 * 1024 * 1024, f"peak {peak / 1e6:.1f} MB for a 50 MB line"
 
 
