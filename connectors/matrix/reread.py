@@ -29,6 +29,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
 from connectors.matrix.offsets import OffsetTracker
+from topics.logs import fields
 
 log = logging.getLogger("backflow.sink.reread")
 
@@ -111,6 +112,7 @@ async def read_portal(
                     parked.key,
                     tp,
                     parked.next_offset,
+                    extra=fields(parked.key),
                 )
                 return "idle"
             continue
@@ -131,6 +133,7 @@ async def read_portal(
                     tp,
                     parked.next_offset,
                     record.offset - 1,
+                    extra=fields(parked.key),
                 )
             hand_over(record)
             parked.next_offset = record.offset + 1
