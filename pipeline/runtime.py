@@ -367,7 +367,8 @@ class Runtime:
         portals too. The dead letter is retried while the broker is away.
         """
         key = getattr(item.record, "key", None)
-        log.warning("record %s (portal %r) failed: %s", item.source, key, reason, extra=fields(key))
+        where = fields(key, getattr(item.record, "id", None))  # a message's id
+        log.warning("record %s (portal %r) failed: %s", item.source, key, reason, extra=where)
         try:
             letter = self.dead_letters.build(reason, item.raw, source=item.source, key=key)
             await self._retry(lambda: self._dead_letters([letter]), "dead-lettering")
@@ -376,7 +377,7 @@ class Runtime:
         try:
             await self._retry(lambda: store.record_error(key, reason), "recording the error")
         except Exception:  # noqa: BLE001 - only bookkeeping for `backflow status`
-            log.exception("could not record the error of portal %r", key, extra=fields(key))
+            log.exception("could not record the error of portal %r", key, extra=where)
 
     async def _dead_letters(self, letters: list[DeadLetter]) -> None:
         """Publish dead letters (the reporter logs each) and wait for the acks."""

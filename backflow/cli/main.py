@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def cli(ctx: click.Context, config: Path | None, verbose: bool, log_json: bool) 
     settings = load(config)
     if log_json:
         settings = settings.with_overrides({"log.format": "json"})
+        os.environ["BACKFLOW_LOG_FORMAT"] = "json"  # `backflow run`'s children log alike
     setup_logging(settings, logging.DEBUG if verbose else logging.INFO)
     if not verbose:
         # Client libraries log every failed connection attempt; our own error

@@ -7,7 +7,11 @@ import socket
 from pathlib import Path
 from typing import Any
 
+import asyncpg
+
+from pipeline.schema import init_schema
 from tests.helpers import free_port, scrape_until
+from tests.pipeline.test_reject import REFUSE_POISON
 from tests.pipeline_support import (
     BASE_TS,
     CommandDriver,
@@ -102,3 +106,35 @@ async def test_a_taken_metrics_port_stops_the_worker_with_a_clear_error(
         finally:
             worker.stop()
     assert f"error: metrics endpoint 127.0.0.1:{port}" in worker.log()
+
+
+async def test_a_refused_record_is_counted_and_its_log_line_names_portal_and_message(
+    kafka: Any, pg_admin: str, tmp_path: Path
+) -> None:
+    settings = await pipeline_settings(kafka, pg_admin, tmp_path)
+    pool = await asyncpg.create_pool(settings.database.url, min_size=1, max_size=1)
+    try:  # the schema first, then a real Postgres refusal for one message id
+        await init_schema(pool)
+        await pool.execute(REFUSE_POISON)
+    finally:
+        await pool.close()
+    portal = unique("bad")
+    port = free_port()
+    worker = Worker(
+        settings,
+        tmp_path / "worker.log",
+        BACKFLOW_METRICS_WORKER_PORT=str(port),
+        BACKFLOW_LOG_FORMAT="json",
+    )
+    try:
+        await scrape_until(port, lambda m: "backflow_pipeline_applied_total" in m)
+        records = [info(portal), msg(portal, "fine", BASE_TS), msg(portal, "poison", BASE_TS + 1)]
+        await publish(settings, settings.catalog.history, records)
+        m = await scrape_until(port, lambda m: m["backflow_pipeline_dead_lettered_total"] == 1)
+        letters = await read_topic(settings, settings.catalog.dead_letters)
+        assert len(letters) == m["backflow_pipeline_dead_lettered_total"]
+    finally:
+        worker.stop()
+    lines = [json.loads(x) for x in worker.log().splitlines() if x.startswith("{")]
+    failed = [x for x in lines if "failed" in x["msg"] and x.get("message_id") == "poison"]
+    assert failed and failed[0]["portal"] == f"testnet:{portal}", lines
