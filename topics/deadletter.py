@@ -108,13 +108,16 @@ class DeadLetters:
             reason = self.scrub(reason)
         return dead_letter(self.stage, reason, original, source=source, key=key)
 
-    async def queue(self, letter: DeadLetter) -> asyncio.Future:
-        """Hand a dead letter to the producer; the future resolves on the broker's ack."""
+    async def queue(self, letter: DeadLetter, message_id: str | None = None) -> asyncio.Future:
+        """Hand a dead letter to the producer; the future resolves on the broker's ack.
+
+        ``message_id``: the refused message's, for the log line's fields.
+        """
         future = await self.producer.send(
             self.topic, encode(letter), key=(letter.key or str(self.stage)).encode()
         )
         self.count += 1
-        where = fields(letter.key) if letter.key else {}
+        where = fields(letter.key or None, message_id)
         log.warning(
             "dead letter (%s, %s): %s", letter.stage, letter.source, letter.reason, extra=where
         )
@@ -127,10 +130,11 @@ class DeadLetters:
         *,
         source: str | None,
         key: str | bytes | None = None,
+        message_id: str | None = None,
     ) -> DeadLetter:
         """Build, publish and wait for one dead letter."""
         letter = self.build(reason, original, source=source, key=key)
-        await (await self.queue(letter))
+        await (await self.queue(letter, message_id))
         return letter
 
     async def report_all(self, letters: list[DeadLetter]) -> None:

@@ -427,10 +427,17 @@ class MatrixSink(SinkTask):
     # ------------------------------------------------------------ dead letters
 
     async def _dead_letter(
-        self, reason: str, raw: bytes, key: bytes | str | None, source: str | None
+        self,
+        reason: str,
+        raw: bytes,
+        key: bytes | str | None,
+        source: str | None,
+        message_id: str | None = None,
     ) -> None:
-        await self.dead_letters.report(reason, raw, source=source, key=key)
+        await self.dead_letters.report(reason, raw, source=source, key=key, message_id=message_id)
         self.stats.dead_letters += 1
 
     async def item_dead_letter(self, item: WorkItem, reason: str) -> None:
-        await self._dead_letter(reason, item.raw, item.command.key, item.source)
+        message = getattr(item.command, "message", None)  # SendMessage; CreateRoom has none
+        mid = message.id if message is not None else None
+        await self._dead_letter(reason, item.raw, item.command.key, item.source, mid)

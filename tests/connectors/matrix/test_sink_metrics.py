@@ -18,12 +18,13 @@ from tests.sink_helpers import (
     bodies,
     client_for,
     create,
+    message,
     publish,
     room_messages,
     sends,
     text,
 )
-from topics.records import SendMessage
+from topics.records import Content, SendMessage
 from topics.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -71,8 +72,21 @@ async def test_sink_metrics_follow_the_messages_and_logs_are_json(
         assert any(k.startswith("backflow_sink_consumer_lag{") for k in mid)
 
         more = [text(portal, f"n{i}", "alice", BASE_TS + 100 + i, f"more {i}") for i in range(5)]
-        await publish(stack, [SendMessage(message=m, seq=9 + i) for i, m in enumerate(more)])
-        after = await scrape_until(port, lambda m: m["backflow_sink_sent_total"] == 13)
+        orphan = message(
+            portal,
+            "orphan",
+            "alice",
+            BASE_TS + 200,
+            Content(kind="reaction", target="nope", key="x"),
+        )
+        more_cmds = [SendMessage(message=m, seq=9 + i) for i, m in enumerate([*more, orphan])]
+        await publish(stack, more_cmds)
+        after = await scrape_until(
+            port,
+            lambda m: (
+                m["backflow_sink_sent_total"] == 13 and m["backflow_sink_dead_lettered_total"] == 1
+            ),
+        )
         assert after["backflow_sink_send_seconds_count"] == 13
 
         store = await SinkStore.open(stack.database.url)
@@ -96,6 +110,8 @@ async def test_sink_metrics_follow_the_messages_and_logs_are_json(
     assert lines and all({"ts", "level", "logger", "msg"} <= set(x) for x in lines)
     created = [x for x in lines if "created room" in x["msg"]]
     assert created and created[0]["portal"] == key and created[0]["room_id"] == room
+    dead = [x for x in lines if x["msg"].startswith("dead letter")]
+    assert [(x["portal"], x["message_id"]) for x in dead] == [(key, "orphan")], dead
     # Only our formatter writes log lines: nothing else but the final summary print.
     others = [line for line in log.splitlines() if line and not line.startswith("{")]
     assert all(line.startswith("sink: ") for line in others), others
