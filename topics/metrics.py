@@ -76,7 +76,10 @@ async def consumer_lag(consumer: Any, topics: set[str] | None = None) -> dict[tu
         high = consumer.highwater(tp)
         if high is None or high < 0:
             continue
-        position = await consumer.position(tp)
+        try:
+            position = await consumer.position(tp)
+        except Exception:  # noqa: BLE001 - revoked while scraping: the next scrape is right
+            continue
         if position is None:
             continue
         out[(tp.topic, tp.partition)] = max(0, high - position)
