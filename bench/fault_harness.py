@@ -78,6 +78,7 @@ from topics.records import (  # noqa: E402
     Sender,
     SyncComplete,
 )
+from topics.settings import Settings  # noqa: E402
 
 LONG_CLASSES = ("synapse_restart", "pg_restart", "sink_pause")
 ALL_CLASSES = FAULT_CLASSES + LONG_CLASSES
@@ -88,7 +89,7 @@ class LongInjector(Injector):
     """The quick harness's injector plus the faults that need owned servers."""
 
     def __init__(self, *args: object, synapse: Synapse, pg: EmbeddedPostgres, pause: float) -> None:
-        super().__init__(*args)  # type: ignore[arg-type]
+        super().__init__(*args)
         self.synapse, self.pg, self.pause = synapse, pg, pause
         self.timeline: list[tuple[float, str]] = []  # (wall clock s, class) at injection
         self.backlogs: list[int] = []
@@ -116,13 +117,13 @@ class LongInjector(Injector):
     expected_total = 0
 
 
-async def delivered(settings: object) -> int:
+async def delivered(settings: Settings) -> int:
     """The sink's message map size; retried while Postgres is away (a restart)."""
-    url = settings.database.url  # type: ignore[attr-defined]
+    url = settings.database.url
     while True:
         try:
             return await mapped(url)
-        except (OSError, Exception):  # noqa: BLE001 - connection refused or cut mid-restart
+        except Exception:  # noqa: BLE001 - connection refused or cut mid-restart
             await asyncio.sleep(1)
 
 
@@ -142,11 +143,11 @@ def live_message(portal: str, per_portal: int) -> NetworkMessage:
     return NetworkMessage(NETWORK, portal, "live0", Sender("live"), ts, body, history=False)
 
 
-async def room_exists(settings: object, portal: str) -> bool:
+async def room_exists(settings: Settings, portal: str) -> bool:
     """Whether the portal's room exists; asked again while Synapse restarts."""
     while True:
         try:
-            return await portal_timeline(settings, NETWORK, portal) is not None  # type: ignore[arg-type]
+            return await portal_timeline(settings, NETWORK, portal) is not None
         except Exception:  # noqa: BLE001 - homeserver down mid-restart
             await asyncio.sleep(1)
 
@@ -185,12 +186,12 @@ def attribute(
 
 
 async def read_back_long(
-    settings: object, data: dict[str, list[NetworkMessage]], timeline: list[tuple[float, str]]
+    settings: Settings, data: dict[str, list[NetworkMessage]], timeline: list[tuple[float, str]]
 ) -> tuple[Verdict, dict[str, Counter]]:
     verdict, per = Verdict(), {k: Counter() for k in ("none", *ALL_CLASSES)}
     for portal, msgs in data.items():
         want = [m.id for m in msgs]
-        events = await portal_timeline(settings, NETWORK, portal)  # type: ignore[arg-type]
+        events = await portal_timeline(settings, NETWORK, portal)
         events = [e for e in events or [] if SOURCE_KEY in e["content"]]
         if not events:
             verdict.portals_missing.append(portal)
