@@ -187,14 +187,20 @@ class FaultProxy:
             (k, v) for k, v in request.headers.items() if k.lower() not in _SKIP_REQUEST
         )
         url = URL(self.upstream + request.raw_path, encoded=True)
-        async with self._session.request(
-            request.method, url, headers=headers, data=body or None, allow_redirects=False
-        ) as resp:
-            payload = await resp.read()
-            out = CIMultiDict(
-                (k, v) for k, v in resp.headers.items() if k.lower() not in _SKIP_RESPONSE
-            )
-            return resp.status, out, payload
+        try:
+            async with self._session.request(
+                request.method, url, headers=headers, data=body or None, allow_redirects=False
+            ) as resp:
+                payload = await resp.read()
+                out = CIMultiDict(
+                    (k, v) for k, v in resp.headers.items() if k.lower() not in _SKIP_RESPONSE
+                )
+                return resp.status, out, payload
+        except aiohttp.ClientConnectionError:
+            # Upstream down (a Synapse restart) or the connection cut mid-reply: a real
+            # gateway answers 502, not the 500 an unhandled error here would give.
+            error = b'{"errcode":"M_UNKNOWN","error":"bad gateway: homeserver unreachable"}'
+            return 502, CIMultiDict({"Content-Type": "application/json"}), error
 
 
 @asynccontextmanager

@@ -43,6 +43,9 @@ class KafkaSettings:
 @dataclass(frozen=True)
 class DatabaseSettings:
     url: str | None = None  # None: local 127.0.0.1:5432 if it answers, else embedded
+    # True: with no url, always start the embedded server (pgserver) even when
+    # 127.0.0.1:5432 answers, e.g. for a harness that stops and starts its own.
+    embedded: bool = False
 
 
 @dataclass(frozen=True)

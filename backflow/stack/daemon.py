@@ -40,6 +40,7 @@ from backflow.stack.private import UMASK, private_dir, tighten, write_private
 from backflow.stack.synapse import Appservice, Synapse, default_appservice, free_port
 from topics.catalog import Catalog
 from topics.provision import provision_admin, provision_embedded
+from topics.settings import load as load_settings
 
 ENV_FILE = "stack.env"
 PID_FILE = "stack.pid"
@@ -216,7 +217,8 @@ async def _serve(state_dir: Path, partitions: int) -> None:
             bootstrap = kafka.bootstrap
 
         explicit_db = os.environ.get("BACKFLOW_DATABASE_URL")
-        admin_url, pg = await resolve_admin_url(explicit_db, state_dir)
+        force_embedded = load_settings().database.embedded  # BACKFLOW_DATABASE_EMBEDDED
+        admin_url, pg = await resolve_admin_url(explicit_db, state_dir, force_embedded)
         db_url = explicit_db or await create_database(admin_url, _database_name(state_dir))
 
         appservice = _load_appservice(state_dir)

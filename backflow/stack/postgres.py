@@ -33,6 +33,16 @@ async def server_answers(url: str, timeout: float = 2.0) -> bool:
         await conn.close()
 
 
+def _get_server(data_dir: Path):  # noqa: ANN202 - pgserver's PostgresServer
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
+        warnings.simplefilter("ignore")
+        import pgserver
+
+    # cleanup_mode="stop": the data survives, the server stops with us.
+    return pgserver.get_server(data_dir, cleanup_mode="stop")
+
+
 class EmbeddedPostgres:
     """A private PostgreSQL 16 server (pip ``pgserver``) with its data in ``data_dir``.
 
@@ -41,16 +51,10 @@ class EmbeddedPostgres:
     """
 
     def __init__(self, data_dir: Path) -> None:
-        with warnings.catch_warnings():
-            # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI).
-            warnings.simplefilter("ignore")
-            import pgserver
-
         data_dir = Path(data_dir).expanduser().resolve()
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         self.data_dir = data_dir
-        # cleanup_mode="stop": the data survives, the server stops with us.
-        self._server = pgserver.get_server(data_dir, cleanup_mode="stop")
+        self._server = _get_server(data_dir)
         self.url: str = self._server.get_uri("postgres")
 
     @property
@@ -62,22 +66,34 @@ class EmbeddedPostgres:
             self._server.cleanup()
             self._server = None
 
+    def restart(self) -> None:
+        """Stop the server (pg_ctl stop: sessions cut) and start it again on the same data."""
+        url = self.url
+        self.stop()
+        self._server = _get_server(self.data_dir)
+        self.url = self._server.get_uri("postgres")
+        if self.url != url:  # the socket dir moved: clients holding the old URL would be lost
+            raise RuntimeError(f"embedded Postgres came back at {self.url}, not {url}")
+
 
 async def resolve_admin_url(
-    explicit: str | None, state_dir: Path
+    explicit: str | None, state_dir: Path, embedded: bool = False
 ) -> tuple[str, EmbeddedPostgres | None]:
     """Pick the admin URL: explicit, else the local server, else an embedded one.
+
+    ``embedded`` (setting ``database.embedded``) skips the local server: the
+    caller owns a server it may stop, never the machine's shared one.
 
     Returns the URL and the EmbeddedPostgres started for it (the caller stops
     it), or None when nothing was started.
     """
     if explicit:
         return explicit, None
-    if await server_answers(LOCAL_URL):
+    if not embedded and await server_answers(LOCAL_URL):
         return LOCAL_URL, None
     # pgserver blocks (initdb, pg_ctl) for up to a few seconds.
-    embedded = await asyncio.to_thread(EmbeddedPostgres, Path(state_dir) / "pg")
-    return embedded.url, embedded
+    server = await asyncio.to_thread(EmbeddedPostgres, Path(state_dir) / "pg")
+    return server.url, server
 
 
 def _check_name(name: str) -> None:
