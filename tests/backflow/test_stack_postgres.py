@@ -79,3 +79,26 @@ async def test_embedded_pgserver(tmp_path: Path) -> None:
     finally:
         await asyncio.to_thread(pg.stop)
     assert not await server_answers(pg.url, timeout=1)
+
+
+async def test_embedded_forced_even_beside_a_local_server_and_restarted_keeps_its_data(
+    tmp_path: Path,
+) -> None:
+    """database.embedded: a server the caller owns (and may restart), never the shared one."""
+    import asyncio
+
+    url, pg = await resolve_admin_url(None, tmp_path, embedded=True)
+    assert pg is not None and url == pg.url and url != LOCAL_URL
+    try:
+        name = f"bf_{uuid.uuid4().hex[:10]}"
+        await create_database(url, name)
+        await asyncio.to_thread(pg.restart)
+        assert pg.url == url and await server_answers(url)
+        conn = await asyncpg.connect(url)
+        try:
+            found = await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+        finally:
+            await conn.close()
+        assert found == 1  # same data directory after the restart
+    finally:
+        await asyncio.to_thread(pg.stop)
