@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import asyncpg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from topics import bus
 from topics.admin import broker_topics, open_admin
@@ -125,37 +125,26 @@ async def scan(
     stats = stats if stats is not None else Scan()
     topic = settings.catalog.dead_letters
     count = await partition_count(settings, topic)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bus.bootstrap(settings), enable_auto_commit=False, max_poll_records=500
-    )
+    consumer = bus.reader(settings, max_poll_records=500)
     await bus.start(consumer, settings)
     try:
         partitions = [TopicPartition(topic, p) for p in range(count)]
         consumer.assign(partitions)
         await consumer.seek_to_beginning(*partitions)
         ends = await consumer.end_offsets(partitions)
-        open_ = {tp for tp in partitions if ends[tp] > 0}
-        while open_:
-            batches = await consumer.getmany(*open_, timeout_ms=500)
-            for tp, messages in batches.items():
-                for m in messages:
-                    if m.offset >= ends[tp]:
-                        break
-                    stats.read += 1
-                    try:
-                        letter = decode(m.value)
-                    except RecordError:
-                        stats.unreadable += 1
-                        continue
-                    if not isinstance(letter, DeadLetter):
-                        stats.unreadable += 1
-                        continue
-                    if where.matches(letter):
-                        stats.matched += 1
-                        yield Stored(f"{topic}[{tp.partition}]@{m.offset}", letter)
-            for tp in list(open_):
-                if await consumer.position(tp) >= ends[tp]:
-                    open_.discard(tp)
+        async for m in bus.read_to_end(consumer, ends):
+            stats.read += 1
+            try:
+                letter = decode(m.value)
+            except RecordError:
+                stats.unreadable += 1
+                continue
+            if not isinstance(letter, DeadLetter):
+                stats.unreadable += 1
+                continue
+            if where.matches(letter):
+                stats.matched += 1
+                yield Stored(f"{m.topic}[{m.partition}]@{m.offset}", letter)
     finally:
         await consumer.stop()
 

@@ -29,11 +29,12 @@ from backflow.replay import (
     ReplayResult,
     Selection,
     look_up,
+    open_store,
     read_log,
     select,
 )
 from backflow.replay_plan import CatchupPlan, part_key, plan_rebuild
-from connectors.matrix.store import SinkStore, StoreUnreachable
+from connectors.matrix.store import SinkStore
 from topics import bus
 from topics.codec import RecordError, decode, encode
 from topics.records import CreateRoom, NetworkMessage, PortalInfo, SendMessage
@@ -90,10 +91,7 @@ async def replay_rebuild(
     settings: Settings, selection: Selection, dry_run: bool = False
 ) -> RebuildResult:
     """Plan (and unless ``dry_run`` publish) the rebuild of every selected portal."""
-    try:
-        store = await SinkStore.open(settings.database.url, size=2)
-    except StoreUnreachable as exc:
-        raise ReplayError(str(exc)) from None
+    store = await open_store(settings)
     result = RebuildResult()
     try:
         found = ReplayResult()

@@ -93,14 +93,19 @@ class ReplayResult:
     unreadable: int = 0
 
 
+async def open_store(settings: Settings) -> SinkStore:
+    """The sink's store (its message map and rooms), or one clear ReplayError."""
+    try:
+        return await SinkStore.open(settings.database.url, size=2)
+    except StoreUnreachable as exc:
+        raise ReplayError(str(exc)) from None
+
+
 async def replay_catchup(
     settings: Settings, selection: Selection, dry_run: bool = False
 ) -> ReplayResult:
     """Plan (and unless ``dry_run`` publish) the catch-up of every selected portal."""
-    try:
-        store = await SinkStore.open(settings.database.url, size=2)
-    except StoreUnreachable as exc:
-        raise ReplayError(str(exc)) from None
+    store = await open_store(settings)
     result = ReplayResult()
     try:
         portals = await select(store, selection, result)
@@ -282,26 +287,15 @@ async def read_log(
     partitions = [
         TopicPartition(t, p) for t in topics for p in range(await partition_count(settings, t))
     ]
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=bus.bootstrap(settings), enable_auto_commit=False, max_poll_records=500
-    )
+    consumer = bus.reader(settings, max_poll_records=500)
     await bus.start(consumer, settings)
     try:
         consumer.assign(partitions)
         ends = await consumer.end_offsets(partitions)
         await _seek(settings, consumer, partitions, ends, from_ms)
-        open_ = {tp for tp in partitions if await consumer.position(tp) < ends[tp]}
-        while open_:
-            batches = await consumer.getmany(*open_, timeout_ms=500)
-            for tp, messages in batches.items():
-                for m in messages:
-                    if m.offset >= ends[tp]:
-                        break
-                    if m.key in wanted and m.value is not None:
-                        yield m.key.decode(), m.value
-            for tp in list(open_):
-                if await consumer.position(tp) >= ends[tp]:
-                    open_.discard(tp)
+        async for m in bus.read_to_end(consumer, ends):
+            if m.key in wanted and m.value is not None:
+                yield m.key.decode(), m.value
     finally:
         await consumer.stop()
 

@@ -14,7 +14,7 @@ knows and a hold store does not: the message map.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from pipeline.portal import BEFORE_LAST_BRIDGED, Held, effective_cap, plan_release
@@ -61,15 +61,9 @@ def plan_catchup(
       not applied yet: not published twice.
     """
     plan = CatchupPlan()
-    seen: set[tuple[str, int]] = set()
     candidates: list[Held] = []
     by_ord: list[NetworkMessage] = []
-    for msg in messages:
-        key = part_key(msg)
-        if key in seen:
-            plan.skipped[DUPLICATE] += 1
-            continue
-        seen.add(key)
+    for key, msg in _first_of_each_part(messages, plan):
         if key in delivered:
             plan.skipped[DELIVERED] += 1
         elif key in queued:
@@ -92,6 +86,20 @@ def plan_catchup(
     return plan
 
 
+def _first_of_each_part(
+    messages: Iterable[NetworkMessage], plan: CatchupPlan
+) -> Iterator[tuple[tuple[str, int], NetworkMessage]]:
+    """(part key, message) for the first record of each part; later ones count as duplicates."""
+    seen: set[tuple[str, int]] = set()
+    for msg in messages:
+        key = part_key(msg)
+        if key in seen:
+            plan.skipped[DUPLICATE] += 1
+            continue
+        seen.add(key)
+        yield key, msg
+
+
 def plan_rebuild(
     messages: Iterable[NetworkMessage],
     *,
@@ -110,15 +118,9 @@ def plan_rebuild(
     continues the very selection it started with.
     """
     plan = CatchupPlan()
-    seen: set[tuple[str, int]] = set()
     held: list[Held] = []
     by_ord: list[NetworkMessage] = []
-    for msg in messages:
-        key = part_key(msg)
-        if key in seen:
-            plan.skipped[DUPLICATE] += 1
-            continue
-        seen.add(key)
+    for _, msg in _first_of_each_part(messages, plan):
         held.append(_held(msg, len(by_ord)))
         by_ord.append(msg)
     released = plan_release(

@@ -6,9 +6,10 @@ Every stage talks to Kafka through these helpers so that producer settings
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.structs import ConsumerRecord
 
 from topics.codec import encode
 from topics.records import Record
@@ -73,6 +74,27 @@ def reader(settings: Settings, **overrides: object) -> AIOKafkaConsumer:
     }
     options.update(overrides)
     return AIOKafkaConsumer(**options)
+
+
+async def read_to_end(
+    consumer: AIOKafkaConsumer, ends: dict[TopicPartition, int]
+) -> AsyncIterator[ConsumerRecord]:
+    """Every record from each partition's position up to ``ends`` (exclusive).
+
+    For an assigned, positioned consumer (scans of a topic as it is now: the
+    dead-letter commands, replay). Memory holds one fetch at a time.
+    """
+    open_ = {tp for tp in ends if await consumer.position(tp) < ends[tp]}
+    while open_:
+        batches = await consumer.getmany(*open_, timeout_ms=500)
+        for tp, messages in batches.items():
+            for m in messages:
+                if m.offset >= ends[tp]:
+                    break
+                yield m
+        for tp in list(open_):
+            if await consumer.position(tp) >= ends[tp]:
+                open_.discard(tp)
 
 
 async def start(client: AIOKafkaProducer | AIOKafkaConsumer, settings: Settings) -> None:

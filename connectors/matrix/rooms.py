@@ -112,14 +112,7 @@ class Rooms:
             await self.start_rebuild(portal, cmd, cmd.rebuild)
             return
         key = cmd.key
-        ghosts = [
-            await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
-            for m in cmd.members
-        ]
-        local = alias_localpart(
-            self.alias_prefix, cmd.network, cmd.portal, self.server, self.alias_templates
-        )
-        alias = f"#{local}:{self.server}"
+        ghosts, local, alias = await self._members_and_alias(cmd)
         room_id = await self.store.room(key)
         if room_id is None:
             avatar = await self._avatar(cmd)
@@ -178,9 +171,8 @@ class Rooms:
             self.alias_templates,
         )
 
-    async def start_rebuild(self, portal: PortalQueue, cmd: CreateRoom, name: str) -> None:
-        """Give the portal a fresh room (or find the one this rebuild made before)."""
-        key = cmd.key
+    async def _members_and_alias(self, cmd: CreateRoom) -> tuple[list[str], str, str]:
+        """The portal's member ghosts (registered, profiles set), its alias localpart and alias."""
         ghosts = [
             await self.ghosts.ensure(cmd.network, m.id, m.name, m.avatar_url)
             for m in cmd.members
@@ -188,7 +180,12 @@ class Rooms:
         local = alias_localpart(
             self.alias_prefix, cmd.network, cmd.portal, self.server, self.alias_templates
         )
-        alias = f"#{local}:{self.server}"
+        return ghosts, local, f"#{local}:{self.server}"
+
+    async def start_rebuild(self, portal: PortalQueue, cmd: CreateRoom, name: str) -> None:
+        """Give the portal a fresh room (or find the one this rebuild made before)."""
+        key = cmd.key
+        ghosts, local, alias = await self._members_and_alias(cmd)
         row = await self.store.rebuild(key, name)
         if row is not None and row["new_room"] is not None:
             room_id = row["new_room"]  # applied before (redelivered, or resumed)

@@ -72,6 +72,11 @@ CREATE TABLE IF NOT EXISTS sink_intents (
 _SCHEMA_LOCK = 0x6266_7369_6E6B  # "bfsink"
 
 
+# A portal's current room (a rebuild points it at the new one).
+SAVE_ROOM = """INSERT INTO sink_rooms (portal_key, network, portal, room_id, alias)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (portal_key) DO UPDATE SET room_id = $4, alias = $5"""
+
 class StoreUnreachable(Exception):
     pass
 
@@ -142,9 +147,7 @@ class SinkStore:
         self, portal_key: str, network: str, portal: str, room_id: str, alias: str
     ) -> None:
         await self.pool.execute(
-            """INSERT INTO sink_rooms (portal_key, network, portal, room_id, alias)
-               VALUES ($1, $2, $3, $4, $5)
-               ON CONFLICT (portal_key) DO UPDATE SET room_id = $4, alias = $5""",
+            SAVE_ROOM,
             portal_key,
             network,
             portal,
@@ -194,9 +197,7 @@ class SinkStore:
                 room_id,
             )
             await conn.execute(
-                """INSERT INTO sink_rooms (portal_key, network, portal, room_id, alias)
-                   VALUES ($1, $2, $3, $4, $5)
-                   ON CONFLICT (portal_key) DO UPDATE SET room_id = $4, alias = $5""",
+                SAVE_ROOM,
                 portal_key,
                 network,
                 portal,

@@ -16,7 +16,6 @@ local key: the format is unverified); what cannot be read is a notice.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import os
@@ -33,7 +32,7 @@ from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources import protowire as pw
 from connectors.sources import signal_crypto as sc
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
-from connectors.sources.signal_export import MAX_INLINE_BYTES, MEDIA_TYPES, own_aci
+from connectors.sources.signal_export import MAX_INLINE_BYTES, attachment_content, own_aci
 from connectors.sources.signal_frames import FrameMapper, as_bytes, as_int
 from connectors.sources.signal_ids import NETWORK
 from connectors.sources.signal_proto import BACKUP_INFO, FRAME, decode
@@ -180,19 +179,8 @@ class SignalBackupV2Source(Source):
             self.stats["media_missing"] += 1
             what = f"{label} ({ctype})" if ctype else label
             return Content(kind="notice", body=f"{what}: file not readable in the backup")
-        major = (ctype or "").split("/", 1)[0]
         self.stats["media"] += 1
-        return Content(
-            kind="media",
-            media_type=major if major in MEDIA_TYPES else "file",
-            body=pointer.get("caption") or label,
-            filename=label,
-            mimetype=ctype,
-            size=len(data),
-            data=base64.b64encode(data).decode("ascii"),
-            width=as_int(pointer.get("width")) or None,
-            height=as_int(pointer.get("height")) or None,
-        )
+        return attachment_content(pointer, label, ctype, data)
 
 
 def _open_attachment(blob: bytes | None, key: bytes, size: int | None) -> bytes | None:

@@ -167,17 +167,24 @@ class SignalExportSource(Source):
                 kind="notice",
                 body=f"{label} ({size} bytes, too large to import; limit {MAX_INLINE_BYTES})",
             )
-        ctype = ctype or mimetypes.guess_type(path.name)[0]
-        major = (ctype or "").split("/", 1)[0]
         self.stats["media"] += 1
-        return Content(
-            kind="media",
-            media_type=major if major in MEDIA_TYPES else "file",
-            body=pointer.get("caption") or label,
-            filename=label,
-            mimetype=ctype,
-            size=size,
-            data=base64.b64encode(data).decode("ascii"),
-            width=as_int(pointer.get("width")) or None,
-            height=as_int(pointer.get("height")) or None,
-        )
+        return attachment_content(pointer, label, ctype or mimetypes.guess_type(path.name)[0], data)
+
+
+def attachment_content(
+    pointer: dict[str, Any], label: str, ctype: str | None, data: bytes
+) -> Content:
+    """A Signal attachment's bytes as media content (caption, name, dimensions from its
+    pointer), the same for the export and the v2 backup."""
+    major = (ctype or "").split("/", 1)[0]
+    return Content(
+        kind="media",
+        media_type=major if major in MEDIA_TYPES else "file",
+        body=pointer.get("caption") or label,
+        filename=label,
+        mimetype=ctype,
+        size=len(data),
+        data=base64.b64encode(data).decode("ascii"),
+        width=as_int(pointer.get("width")) or None,
+        height=as_int(pointer.get("height")) or None,
+    )
