@@ -7,7 +7,8 @@ means, because exactly-once needs more than a bridge's usual retry loop:
   mautrix's own retries are off (``default_retry_count=0``), so nothing is
   retried twice over and nothing forever.
 * A 429 waits for ``Retry-After`` (the header, else ``retry_after_ms`` in the
-  body) *outside* the room's concurrency slot. mautrix's ``MLimitExceeded``
+  body) *outside* the room's concurrency slot (passed per call, or set for a
+  whole piece of work such as creating a room with :func:`room_slot`). mautrix's ``MLimitExceeded``
   keeps neither, so an aiohttp trace (a public aiohttp API) notes them.
 * 502/503/504/408, connection errors and timeouts may have taken effect: before
   the retry an optional ``settle`` callback looks the result up (a retried txn
@@ -23,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-from collections.abc import Awaitable, Callable
-from contextlib import nullcontext
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any, TypeVar
 
 import aiohttp
@@ -37,6 +38,24 @@ from mautrix.errors import (
 )
 
 from topics.retry import RetryPolicy, Transient, retry
+
+# The room's concurrency slot for calls that are not given one: set around a
+# piece of work made of many calls (creating a room: alias, create, joins,
+# profiles), so that each attempt holds the slot and no retry wait does.
+_ROOM_SLOT: contextvars.ContextVar[asyncio.Semaphore | None] = contextvars.ContextVar(
+    "backflow_room_slot", default=None
+)
+
+
+@contextmanager
+def room_slot(slot: asyncio.Semaphore) -> Iterator[None]:
+    """Every call made inside holds ``slot`` while on the wire, and only then."""
+    token = _ROOM_SLOT.set(slot)
+    try:
+        yield
+    finally:
+        _ROOM_SLOT.reset(token)
+
 
 T = TypeVar("T")
 Settle = Callable[[], Awaitable[T | None]]
@@ -142,6 +161,8 @@ class Calls:
         """
         in_doubt = False
         errors_500 = 0
+        if slot is None:
+            slot = _ROOM_SLOT.get()
 
         async def attempt() -> T:
             nonlocal in_doubt, errors_500

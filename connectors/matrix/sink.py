@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.structs import ConsumerRecord
 
+from connectors.matrix.calls import room_slot
 from connectors.matrix.client import MatrixClient
 from connectors.matrix.ghosts import Ghosts, parse_templates
 from connectors.matrix.offsets import OffsetTracker
@@ -419,7 +420,9 @@ class MatrixSink(SinkTask):
     async def _process(self, portal: PortalQueue, batch: list[WorkItem]) -> None:
         first = batch[0].command
         if isinstance(first, CreateRoom):
-            async with self.turns:
+            # Each call holds a slot while on the wire, none while a 429 or an
+            # outage is waited out: other rooms keep sending meanwhile.
+            with room_slot(self.turns):
                 await self.rooms.create(portal, first)
             return
         await self.sender.send_batch(portal, batch)

@@ -41,9 +41,8 @@ from connectors.sources.scope import (
     UnreadableEntry,
     check_entry,
 )
-from connectors.sources.shape import MAX_DEPTH, mismatch
 from connectors.sources.slack_mrkdwn import Mrkdwn, emoji
-from connectors.sources.stream import TOO_DEEP, Capped, InvalidJSON, TooLarge, array_items
+from connectors.sources.stream import Capped, InvalidJSON, TooLarge, array_items, why_not
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 CONVERSATION_FILES = ("channels.json", "groups.json", "mpims.json", "dms.json")
@@ -103,7 +102,6 @@ MESSAGE_SHAPE = {
 # (a day file of a busy channel is a few MB; a bomb expands to gigabytes).
 MAX_DAY_FILE_BYTES = 64 * 1024 * 1024
 MAX_LIST_FILE_BYTES = 256 * 1024 * 1024
-_TOO_DEEP = f"entry nests deeper than {MAX_DEPTH} levels: not read"
 _DAY_FILE = re.compile(r"^(?P<folder>[^/]+)/(?P<day>\d{4}-\d{2}-\d{2})\.json$")
 _TS = re.compile(r"^\d{1,12}(\.\d{1,9})?$")
 
@@ -197,7 +195,7 @@ class _Export:
             return
         try:
             for index, entry in enumerate(self.items(name, MAX_LIST_FILE_BYTES)):
-                reason = _TOO_DEEP if entry is TOO_DEEP else mismatch(entry, shape)
+                reason = why_not(entry, shape)
                 if reason is None:
                     yield entry
                 else:
@@ -303,7 +301,7 @@ class SlackSource(Source):
                 for index, msg in enumerate(export.items(name, MAX_DAY_FILE_BYTES)):
                     read = index + 1
                     where = f"{name}[{index}]"
-                    reason = _TOO_DEEP if msg is TOO_DEEP else mismatch(msg, MESSAGE_SHAPE)
+                    reason = why_not(msg, MESSAGE_SHAPE)
                     if reason is not None:
                         yield Rejected(where, reason, _excerpt(msg))
                         continue

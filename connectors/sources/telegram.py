@@ -32,8 +32,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from connectors.source import Rejected, Source, SourceError, SourceItem
 from connectors.sources.scope import ExportFolder, OutsideExport, read_bounded
-from connectors.sources.shape import MAX_DEPTH, mismatch
-from connectors.sources.stream import TOO_DEEP, Entries, InvalidJSON, TokenCapped, TooLarge, events
+from connectors.sources.shape import mismatch
+from connectors.sources.stream import Entries, InvalidJSON, Skipped, TokenCapped, TooLarge, events
 from topics.records import Content, Member, NetworkMessage, PortalInfo, Sender
 
 MAX_INLINE_BYTES = 512 * 1024
@@ -297,8 +297,11 @@ class TelegramSource(Source):
     def _message(self, chat: dict[str, Any], msg: Any) -> Iterator[SourceItem]:
         portal = chat["portal"]
         where = f"{self.file}:chat {portal}"
-        if msg is TOO_DEEP:
-            yield Rejected(where, f"message nests deeper than {MAX_DEPTH} levels: not read")
+        if isinstance(msg, Skipped):
+            known = msg.entry.get("id") if isinstance(msg.entry, dict) else None
+            if isinstance(known, int):
+                where = f"{where} message {known}"
+            yield Rejected(where, msg.reason.replace("entry", "message", 1))
             return
         if not isinstance(msg, dict) or not isinstance(msg.get("id"), int | float):
             yield Rejected(where, "message without an integer id", _excerpt(msg))

@@ -260,7 +260,13 @@ ARCHIVE_CASES = [
         ["one", "two", "three"],
     ),
     ArchiveCase("slack.truncated-day", slack_truncated_day, [("c/2024-01-02.json", "")], None),
-    ArchiveCase("slack.invalid-utf8", slack_invalid_utf8, [("c/2024-01-02.json", "")], None),
+    # Bytes that are not UTF-8 refuse their entry; the day's other entries read.
+    ArchiveCase(
+        "slack.invalid-utf8",
+        slack_invalid_utf8,
+        [("c/2024-01-02.json[1]", "not UTF-8")],
+        ["a", "c", "one"],
+    ),
     ArchiveCase(
         "slack.deep", slack_deep, [("c/2024-01-02.json[0]", "deeper than")], ["one", "two"]
     ),
@@ -302,9 +308,8 @@ ARCHIVE_CASES = [
     ArchiveCase(
         "telegram.invalid-utf8",
         tg_raw(TG_OK.replace(b'"t2"', b'"\xff\xfe"')),
-        [],
-        ["t1"],
-        source_error="result.json: invalid JSON",
+        [(TG_WHERE, "not UTF-8")],
+        ["t1", "t3"],
     ),
     ArchiveCase(
         "telegram.deep",

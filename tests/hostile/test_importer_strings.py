@@ -165,3 +165,48 @@ def test_hostile_strings_in_each_field(case: StringCase, tmp_path: Path) -> None
     assert outcome.bodies[0].endswith(("one", "t1")) and outcome.bodies[-1].endswith(
         ("three", "t3")
     )
+
+
+# ---------------------------------------------------------------- surrogates
+
+# Written by json.dumps (ensure_ascii), as Slack writes every non-ASCII
+# character: "\ud800" escapes in the file. A lone one is no text.
+LONE = {
+    "high": "a\ud800b",
+    "low": "a\udc00b",
+    "high-at-end": "ab\ud83d",
+    "two-highs": "\ud83d\ud83d\ude00",
+}
+CARRIED = {
+    "pair": "a\U0001f600b",  # "\ud83d\ude00" in the file
+    "escaped-backslash": "\\ud800",  # "\\ud800" in the file: text, not an escape
+}
+
+
+def _surrogate_source(importer: str, tmp: Path, value: str) -> Source:
+    if importer == "slack":
+        return _slack("text")(tmp, value)
+    return _telegram("text")(tmp, value)
+
+
+@pytest.mark.parametrize("importer", ["slack", "telegram"])
+@pytest.mark.parametrize("label", sorted(LONE))
+def test_lone_surrogate_refuses_the_message(importer: str, label: str, tmp_path: Path) -> None:
+    outcome, _ = measured(_surrogate_source(importer, tmp_path, LONE[label]))
+    where = "c/2024-01-03.json[1]" if importer == "slack" else TG_WHERE
+    assert [r[0] for r in outcome.rejected] == [where], outcome.rejected
+    assert "lone UTF-16 surrogate" in outcome.rejected[0][1]
+    assert [b[-3:] for b in outcome.bodies] == [("one", "t1")[importer == "telegram"][-3:]] + [
+        ("three", "t3")[importer == "telegram"][-3:]
+    ]
+
+
+@pytest.mark.parametrize("importer", ["slack", "telegram"])
+@pytest.mark.parametrize("label", sorted(CARRIED))
+def test_surrogate_pairs_and_escaped_backslashes_are_text(
+    importer: str, label: str, tmp_path: Path
+) -> None:
+    outcome, _ = measured(_surrogate_source(importer, tmp_path, CARRIED[label]))
+    assert not outcome.rejected, outcome.rejected
+    assert len(outcome.bodies) == 3
+    assert CARRIED[label] in outcome.bodies[1]

@@ -17,6 +17,7 @@ from aiokafka import TopicPartition
 
 from backflow.cli.sink import progress_printer
 from backflow.stack.synapse import Appservice, Synapse
+from connectors.matrix.calls import room_slot
 from connectors.matrix.client import (
     MAX_500_RETRIES,
     MatrixClient,
@@ -700,6 +701,54 @@ async def test_fetch_url_checks_address_redirects_size_and_time() -> None:
             await fetch(f"http://localhost:{port}/slow", quick)
         assert time.monotonic() - started < 20  # 5 bounded attempts with backoff
     finally:
+        await runner.cleanup()
+
+
+async def test_room_creation_gives_the_slot_back_while_rate_limited() -> None:
+    """Inside room_slot every call holds the slot on the wire only: a 429 on
+    createRoom leaves it free for other rooms during Retry-After."""
+    calls = 0
+
+    async def create(request: web.Request) -> web.Response:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return web.json_response(
+                {"errcode": "M_LIMIT_EXCEEDED", "error": "slow down"},
+                status=429,
+                headers={"Retry-After": "1"},
+            )
+        return web.json_response({"room_id": "!new:hs"})
+
+    async def register(_: web.Request) -> web.Response:
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/_matrix/client/v3/createRoom", create)
+    app.router.add_post("/_matrix/client/v3/register", register)  # the bot's intent
+    runner, port = await _serve(app)
+    client = MatrixClient(f"http://127.0.0.1:{port}", TOKEN, "hs", "bot")
+    slot = asyncio.Semaphore(1)
+    try:
+        with room_slot(slot):
+            task = asyncio.create_task(client.create_room("p1"))
+        deadline = time.monotonic() + 5
+        while calls < 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        assert not task.done() and not slot.locked()  # waiting, slot free for others
+        async with slot:  # another room can take it meanwhile
+            pass
+        assert await task == ("!new:hs", True) and calls == 2
+        # The slot is held while a request is on the wire.
+        with room_slot(slot):
+            async with slot:
+                blocked = asyncio.create_task(client.create_room("p2"))
+                await asyncio.sleep(0.2)
+                assert calls == 2 and not blocked.done()
+            assert await blocked == ("!new:hs", True) and calls == 3
+    finally:
+        await client.close()
         await runner.cleanup()
 
 
