@@ -20,8 +20,7 @@ from typing import Any
 import aiohttp
 import orjson
 from mautrix.api import Method, Path
-from mautrix.appservice import AppServiceAPI, ASStateStore, IntentAPI
-from mautrix.client.state_store import MemoryStateStore
+from mautrix.appservice import AppServiceAPI, IntentAPI
 from mautrix.errors import (
     MatrixRequestError,
     MForbidden,
@@ -30,7 +29,12 @@ from mautrix.errors import (
     MUserInUse,
     make_request_error,
 )
-from mautrix.types import EventType, RoomCreatePreset, RoomDirectoryVisibility, Serializable
+from mautrix.types import (
+    EventType,
+    RoomCreatePreset,
+    RoomDirectoryVisibility,
+    Serializable,
+)
 
 from connectors.matrix.calls import (
     MAX_500_RETRIES,
@@ -41,6 +45,7 @@ from connectors.matrix.calls import (
     trace_config,
 )
 from connectors.matrix.fetch import MediaError, MediaPolicy, fetch_url, media_session
+from connectors.matrix.state_store import BoundedStateStore
 
 log = logging.getLogger("backflow.sink.client")
 
@@ -54,14 +59,6 @@ __all__ = [
 ]
 
 INTENT_CACHE = 4096  # ghost intents kept ready; each holds a few dozen bound wrappers
-
-
-class _StateStore(ASStateStore, MemoryStateStore):
-    """mautrix's in-memory stores: what the intents learn (registrations, power levels)."""
-
-    def __init__(self) -> None:
-        ASStateStore.__init__(self)
-        MemoryStateStore.__init__(self)
 
 
 class MatrixClient(Calls):
@@ -94,7 +91,7 @@ class MatrixClient(Calls):
             bot_mxid=self.bot,
             token=as_token,
             log=logging.getLogger("backflow.sink.mautrix"),
-            state_store=_StateStore(),
+            state_store=BoundedStateStore(),
             client_session=self._session,
             default_retry_count=0,
         )

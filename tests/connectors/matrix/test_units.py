@@ -805,3 +805,51 @@ async def test_429_gives_the_room_slot_back_while_waiting() -> None:
     finally:
         await client.close()
         await runner.cleanup()
+
+
+async def test_state_store_forgets_the_oldest_rooms_and_ghosts_past_its_caps() -> None:
+    """mautrix's memory store would keep every room and ghost the sink ever saw."""
+    from mautrix.types import Membership, PowerLevelStateEventContent
+
+    from connectors.matrix.state_store import BoundedStateStore
+
+    store = BoundedStateStore(max_rooms=2, max_users=2)
+    create = {"type": "m.room.create", "state_key": "", "sender": "@a:hs", "content": {}}
+    create |= {"event_id": "$c", "origin_server_ts": 1}
+    for n in (1, 2, 3):
+        room = f"!r{n}:hs"
+        await store.set_power_levels(room, PowerLevelStateEventContent())
+        await store.set_membership(room, "@g:hs", Membership.JOIN)
+        await store.set_create(create | {"room_id": room})
+        await store.registered(f"@g{n}:hs")
+    # Upstream keeps each room in these maps; if it moves them, this fails.
+    for name in store._ROOM_MAPS:
+        assert isinstance(getattr(store, name), dict), name
+    kept = {"!r2:hs", "!r3:hs"}
+    assert set(store.power_levels) == set(store.members) == set(store.create) == kept
+    assert not await store.has_power_levels_cached("!r1:hs")
+    assert not await store.is_joined("!r1:hs", "@g:hs")
+    assert await store.is_joined("!r3:hs", "@g:hs")
+    assert await store.has_create_cached("!r3:hs")
+    assert [await store.is_registered(f"@g{n}:hs") for n in (1, 2, 3)] == [False, True, True]
+
+
+async def test_a_forgotten_room_costs_a_join_that_adds_no_event(real: Real) -> None:
+    """What BoundedStateStore forgets (or a restarted sink never knew) is learnt
+    again by a register and a join; Synapse answers an existing ghost with
+    M_USER_IN_USE and an already-joined one without a new member event."""
+    room, ghost = await real.room_with_ghost()
+    before = await real.direct.timeline(room, types=["m.room.member"])
+    body = unique("after forgetting ")
+    # A client with an empty state store: it knows neither the room nor the ghost.
+    async with MatrixClient(
+        real.direct.base_url, real.app.as_token, real.server_name, real.app.sender_localpart
+    ) as fresh:
+        assert await fresh.register(ghost[1:].split(":")[0]) is False
+        await fresh.join(room, ghost)
+        await fresh.send(
+            room, "m.room.message", {"msgtype": "m.text", "body": body}, unique("t"), as_user=ghost
+        )
+    after = await real.direct.timeline(room, types=["m.room.member"])
+    assert [e["event_id"] for e in after] == [e["event_id"] for e in before]
+    assert len(await real.events_with_body(room, body)) == 1
