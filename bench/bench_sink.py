@@ -16,15 +16,18 @@ three ways into fresh rooms and prints events/s and ratios:
 * sequential: one PUT at a time, like today's bridges backfilling a portal
   (measured on a sample of ``--sequential-sample`` messages).
 
-Room creation and ghost joins are done before timing for all three; the sink
-is timed from its first consumed message command to its last send.
+The unordered and sink phases run ``--rounds`` times in alternating order
+(ABBA), and each rate is the mean of its runs: Synapse's database grows over a
+run and slows whatever runs later. Room creation and ghost joins are done
+before timing for all three; the sink is timed from its first consumed
+message command to its last send.
 
 Synapse's own database is ``--synapse-db``: ``postgres`` (a fresh database on
 the local server, as production homeservers run; the default when
 127.0.0.1:5432 answers) or ``sqlite`` (Synapse's file database).
 
     .venv/bin/python bench/bench_sink.py [--portals 50] [--messages 200]
-        [--synapse-db postgres|sqlite] [--rooms-in-flight 16[,32,50]]
+        [--synapse-db postgres|sqlite] [--rooms-in-flight 16[,32,50]] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -188,6 +191,9 @@ async def main() -> None:
     )
     parser.add_argument("--sequential-sample", type=int, default=1000)
     parser.add_argument(
+        "--rounds", type=int, default=2, help="phase rounds, alternating order (ABBA)"
+    )
+    parser.add_argument(
         "--synapse-db",
         choices=("sqlite", "postgres"),
         default=None,
@@ -236,26 +242,39 @@ async def main() -> None:
             # Two unordered patterns: room-major (concurrent requests hit the same
             # room, so Synapse persists them in one batch: its best case, but an
             # order-keeping sender can never do that) and shuffled rooms.
-            rates: dict[str, float] = {}
-            for label, shuffle in (("u", False), ("r", True)):
-                rooms_u = await make_rooms(client, appservice.user_prefix, label, args.portals)
-                name = "shuffled" if shuffle else "room-major"
-                print(
-                    f"unordered ({name}): {total} events, {args.concurrency} in flight", flush=True
-                )
-                rates[name] = await unordered(
-                    client, rooms_u, args.messages, args.concurrency, shuffle
-                )
-            sink_rates: dict[int, float] = {}
-            for rif in args.rooms_in_flight:
-                print(f"sink: {total} events, {rif} rooms in flight", flush=True)
-                s_rate, sent = await sink_run(
-                    settings.with_overrides({"sink.max_rooms_in_flight": rif}),
-                    args.portals,
-                    args.messages,
-                )
-                assert sent == total, f"sink sent {sent} of {total}"
-                sink_rates[rif] = s_rate
+            # Synapse's database grows over a run and slows every later phase,
+            # so the phases run in ABBA order over --rounds and each rate is the
+            # mean of its runs: no pattern gains from going first.
+            phases: list[str | int] = ["room-major", "shuffled", *args.rooms_in_flight]
+            runs: dict[str | int, list[float]] = {phase: [] for phase in phases}
+            for round_no in range(args.rounds):
+                order = phases if round_no % 2 == 0 else phases[::-1]
+                for phase in order:
+                    if isinstance(phase, str):
+                        label = f"{phase[0]}{round_no}"
+                        rooms_u = await make_rooms(
+                            client, appservice.user_prefix, label, args.portals
+                        )
+                        print(
+                            f"unordered ({phase}): {total} events, "
+                            f"{args.concurrency} in flight",
+                            flush=True,
+                        )
+                        rate = await unordered(
+                            client, rooms_u, args.messages, args.concurrency, phase == "shuffled"
+                        )
+                    else:
+                        print(f"sink: {total} events, {phase} rooms in flight", flush=True)
+                        rate, sent = await sink_run(
+                            settings.with_overrides({"sink.max_rooms_in_flight": phase}),
+                            args.portals,
+                            args.messages,
+                        )
+                        assert sent == total, f"sink sent {sent} of {total}"
+                    print(f"  {rate:.1f} events/s", flush=True)
+                    runs[phase].append(rate)
+            rates = {phase: sum(r) / len(r) for phase, r in runs.items()}
+            sink_rates = {rif: rates[rif] for rif in args.rooms_in_flight}
             rooms_s = await make_rooms(client, appservice.user_prefix, "s", args.portals)
             print(f"sequential: {args.sequential_sample} events ...", flush=True)
             q_rate = await sequential(client, rooms_s, args.sequential_sample)
@@ -263,8 +282,11 @@ async def main() -> None:
         print()
         print(
             f"backfill {args.portals} portals x {args.messages} messages into Synapse "
-            f"on {args.synapse_db}; unordered: {args.concurrency} requests in flight"
+            f"on {args.synapse_db}; unordered: {args.concurrency} requests in flight; "
+            f"mean of {args.rounds} rounds in alternating order"
         )
+        for phase, r in runs.items():
+            print(f"  runs {str(phase):<10}: " + ", ".join(f"{x:.1f}" for x in r))
         rows = [
             ("unordered, room-major burst", f"{u_rate:8.1f} events/s (homeserver ingest limit)"),
             ("unordered, shuffled rooms", f"{r_rate:8.1f} events/s"),
